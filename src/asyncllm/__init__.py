@@ -1,0 +1,1 @@
+"""asyncllm: an asyncio-native LLM inference engine."""

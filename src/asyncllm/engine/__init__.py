@@ -1,0 +1,1 @@
+"""The engine: async face, scheduler, KV-block manager and model runner."""

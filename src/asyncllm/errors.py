@@ -1,0 +1,85 @@
+"""The exception hierarchy: every error asyncllm raises on purpose derives from `AsyncLLMError`.
+
+    AsyncLLMError
+    ├── ConfigError                 an invalid EngineConfig or override
+    ├── InvalidRequestError         a bad prompt or SamplingParams (also a ValueError)
+    │   └── PromptTooLongError      a request that can never fit the model or the KV pool
+    ├── ModelLoadError              missing, unreadable or malformed model files
+    │   └── UnsupportedArchitectureError
+    ├── NoForwardContextError       a layer ran outside `forward_context(...)`
+    └── EngineError                 a failure inside an engine step (carries `__cause__`)
+        ├── EngineDeadError         the engine failed earlier and accepts no more work
+        ├── EngineNotRunningError   the engine was never started or has shut down
+        └── WrongEventLoopError     the engine was used from a loop it was not started in
+
+Example:
+    >>> from asyncllm import errors
+    >>> try:
+    ...     raise errors.InvalidRequestError("temperature must be >= 0, got -1")
+    ... except errors.AsyncLLMError as exc:
+    ...     print(type(exc).__name__, exc)
+    InvalidRequestError temperature must be >= 0, got -1
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsyncLLMError",
+    "ConfigError",
+    "EngineDeadError",
+    "EngineError",
+    "EngineNotRunningError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "NoForwardContextError",
+    "PromptTooLongError",
+    "UnsupportedArchitectureError",
+    "WrongEventLoopError",
+]
+
+
+class AsyncLLMError(Exception):
+    """Base class of every error asyncllm raises on purpose."""
+
+
+class ConfigError(AsyncLLMError, ValueError):
+    """An `EngineConfig` field (or a `from_pretrained` override) is invalid or unknown."""
+
+
+class InvalidRequestError(AsyncLLMError, ValueError):
+    """A request was rejected at submission: bad prompt, token ids or sampling values.
+
+    The engine keeps serving other requests.
+    """
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt (plus `max_tokens`) can never fit `max_model_len` or the KV-cache pool."""
+
+
+class ModelLoadError(AsyncLLMError):
+    """A model directory is missing files, or a file or tensor in it is malformed."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """config.json names an architecture that no registered model class implements."""
+
+
+class NoForwardContextError(AsyncLLMError, RuntimeError):
+    """A layer asked for the forward context outside a `forward_context(...)` block."""
+
+
+class EngineError(AsyncLLMError):
+    """A step of the engine failed; the original exception is attached as `__cause__`."""
+
+
+class EngineDeadError(EngineError):
+    """The engine failed earlier and accepts no more requests; create a new engine."""
+
+
+class EngineNotRunningError(EngineError):
+    """The engine is not running: start it with `async with engine:` first."""
+
+
+class WrongEventLoopError(EngineError):
+    """The engine was used from an event loop other than the one it was started in."""

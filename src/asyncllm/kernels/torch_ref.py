@@ -1,0 +1,94 @@
+"""The reference attention backend: plain torch over the paged cache, on any device.
+
+Every sequence's keys are gathered through its block table into a padded [B, max_k] batch and
+attended with one masked SDPA call. It is the ground truth the fast backends are tested
+against, and the CPU backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from asyncllm.kernels.base import AttentionBackend
+
+if TYPE_CHECKING:
+    from asyncllm.context import ForwardContext
+
+__all__ = ["TorchAttention", "gather_padded_kv", "store_kv"]
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token i's K/V to flat slot `slot_mapping[i]`; negative slots (padding) are skipped."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[keep].to(v_cache.dtype)
+
+
+def gather_padded_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_seqlen_k: int
+) -> torch.Tensor:
+    """[B, max_seqlen_k, Hkv, D]: each sequence's first max_seqlen_k cached tokens, in order."""
+    block_size = cache.shape[1]
+    positions = torch.arange(max_seqlen_k, device=cache.device)
+    blocks = block_tables[:, positions // block_size].long()
+    slots = blocks * block_size + positions % block_size
+    return cache.flatten(0, 1)[slots]
+
+
+class TorchAttention(AttentionBackend):
+    """Masked SDPA over K/V gathered from the paged cache (correct everywhere, not fast)."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        ctx: ForwardContext,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        num_tokens, num_heads, head_dim = q.shape
+        group = num_heads // k.shape[1]
+        keys = gather_padded_kv(k_cache, ctx.block_tables, ctx.max_seqlen_k)
+        values = gather_padded_kv(v_cache, ctx.block_tables, ctx.max_seqlen_k)
+
+        starts = ctx.cu_seqlens_q[:-1].long()
+        q_lens = ctx.cu_seqlens_q[1:].long() - starts
+        rows = torch.arange(ctx.max_seqlen_q, device=q.device)
+        q_valid = rows[None, :] < q_lens[:, None]  # [B, max_q]
+        q_index = (starts[:, None] + rows[None, :]).clamp(max=num_tokens - 1)
+        queries = q[q_index]  # [B, max_q, Hq, D]
+
+        cols = torch.arange(ctx.max_seqlen_k, device=q.device)
+        seq_lens = ctx.seq_lens_k.long()
+        last_visible = seq_lens[:, None] - q_lens[:, None] + rows[None, :]  # [B, max_q]
+        mask = cols[None, None, :] <= last_visible[:, :, None]
+        # Padding rows see key 0 only, so softmax stays finite; their output is discarded.
+        mask = torch.where(q_valid[:, :, None], mask, cols[None, None, :] == 0)
+
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2).to(keys.dtype),
+            keys.repeat_interleave(group, dim=2).transpose(1, 2),
+            values.repeat_interleave(group, dim=2).transpose(1, 2),
+            attn_mask=mask[:, None],
+            scale=scale,
+        ).transpose(1, 2)  # [B, max_q, Hq, D]
+        result = out[q_valid].to(q.dtype)
+        if result.shape[0] < num_tokens:  # trailing padding tokens (fixed-size batches)
+            result = torch.cat([result, result.new_zeros(num_tokens - result.shape[0], *result.shape[1:])])
+        return result

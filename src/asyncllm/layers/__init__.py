@@ -1,0 +1,1 @@
+"""Model building blocks. Layers that need step metadata read the forward context."""

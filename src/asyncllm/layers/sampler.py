@@ -1,0 +1,111 @@
+"""Vectorised sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Randomness comes from a counter-based hash of (request seed, output index, token id) rather
+than a stateful generator, so a request's tokens depend only on its own seed and logits:
+the same seed gives the same tokens whatever else shares the batch, and a preempted request
+resumes with the tokens it would have drawn anyway.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingTensors", "uniform_noise"]
+
+_MASK32 = 0xFFFFFFFF
+
+
+class SamplingTensors(NamedTuple):
+    """Per-row sampling parameters on the logits' device (one row per sampled sequence)."""
+
+    temperatures: torch.Tensor  # [S] float32; 0 = greedy
+    top_k: torch.Tensor  # [S] int64; 0 = off
+    top_p: torch.Tensor  # [S] float32; 1 = off
+    min_p: torch.Tensor  # [S] float32; 0 = off
+    seeds: torch.Tensor  # [S] int64
+    offsets: torch.Tensor  # [S] int64: index of the output token being drawn
+    banned_rows: torch.Tensor  # [N] int64: (row, token) pairs masked out (min_tokens)
+    banned_tokens: torch.Tensor  # [N] int64
+    all_greedy: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+    num_logprobs: int  # most top-n asked for by any row; -1 = none asked
+
+
+class SamplerOutput(NamedTuple):
+    """Sampled tokens, plus log-probabilities when some row asked for them."""
+
+    token_ids: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor | None  # [S] logprob of each sampled token
+    top_ids: torch.Tensor | None  # [S, n]
+    top_logprobs: torch.Tensor | None  # [S, n]
+
+
+class Sampler(nn.Module):
+    """Turns logits [S, V] into one token per row under per-row `SamplingTensors`."""
+
+    def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
+        logits = logits.float()
+        if params.banned_rows.numel():
+            logits[params.banned_rows, params.banned_tokens] = float("-inf")
+        greedy = logits.argmax(dim=-1)
+        if params.all_greedy:
+            tokens = greedy
+        else:
+            sampled = _sample(logits, params)
+            tokens = torch.where(params.temperatures == 0, greedy, sampled)
+        if params.num_logprobs < 0:
+            return SamplerOutput(tokens, None, None, None)
+        # Logprobs of the model's own distribution (before temperature and filters), as in vLLM.
+        logp = torch.log_softmax(logits, dim=-1)
+        top_logprobs, top_ids = logp.topk(params.num_logprobs, dim=-1)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+        return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
+
+
+def _sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    temperatures = torch.where(params.temperatures == 0, 1.0, params.temperatures)
+    scores = logits / temperatures[:, None]
+    if params.any_top_k_top_p:
+        scores = _top_k_top_p(scores, params.top_k, params.top_p)
+    if params.any_min_p:
+        probs = scores.softmax(dim=-1)
+        threshold = params.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(probs < threshold, float("-inf"))
+    # Gumbel-max: argmax(score + Gumbel noise) is a draw from softmax(score).
+    u = uniform_noise(params.seeds, params.offsets, scores.shape[1])
+    gumbel = -torch.log(-torch.log(u))
+    return (scores + gumbel.to(scores.dtype)).argmax(dim=-1)
+
+
+def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf what top-k, then top-p (over the top-k survivors), removes."""
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    rank = torch.arange(scores.shape[1], device=scores.device)
+    k = torch.where(top_k > 0, top_k, scores.shape[1])
+    sorted_scores = sorted_scores.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_scores.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # Keep a token while the mass before it is under top_p; the first token is always kept.
+    sorted_scores = sorted_scores.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xorshift-multiply), on int64 holding values < 2**32."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, V] float64 uniforms in (0, 1), a pure function of (seed, offset, token id)."""
+    seeds = seeds.long()
+    key = _mix32((seeds ^ (seeds >> 32)) & _MASK32)
+    key = _mix32(key ^ _mix32((offsets.long() * 0x9E3779B1 + 0x632BE5AB) & _MASK32))
+    tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _mix32(_mix32((key[:, None] ^ (tokens[None, :] * 0x85EBCA77)) & _MASK32) ^ key[:, None])
+    return (bits.double() + 0.5) / 2.0**32

@@ -1,0 +1,1 @@
+"""Model definitions, their registry, and the safetensors loader."""
