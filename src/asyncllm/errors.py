@@ -7,6 +7,7 @@
     ├── ModelLoadError              missing, unreadable or malformed model files
     │   └── UnsupportedArchitectureError
     ├── NoForwardContextError       a layer ran outside `forward_context(...)`
+    ├── BlockingCallError           a blocking API was called inside a running event loop
     └── EngineError                 a failure inside an engine step (carries `__cause__`)
         ├── EngineDeadError         the engine failed earlier and accepts no more work
         ├── EngineNotRunningError   the engine was never started or has shut down
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncLLMError",
+    "BlockingCallError",
     "ConfigError",
     "EngineDeadError",
     "EngineError",
@@ -67,6 +69,11 @@ class UnsupportedArchitectureError(ModelLoadError):
 
 class NoForwardContextError(AsyncLLMError, RuntimeError):
     """A layer asked for the forward context outside a `forward_context(...)` block."""
+
+
+class BlockingCallError(AsyncLLMError, RuntimeError):
+    """A blocking call (e.g. `LLM.generate`) was made from a thread running an event loop,
+    where it would freeze the loop; use `AsyncEngine` there instead."""
 
 
 class EngineError(AsyncLLMError):

@@ -22,11 +22,12 @@ from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from asyncllm.outputs import TokenLogprobs
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.loader import load_model
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["ModelRunner", "SampleSpec", "SeqStep", "StepResult", "TokenLogprobs"]
+__all__ = ["ModelRunner", "PreparedStep", "SampleSpec", "SeqStep", "StepResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +58,19 @@ class SeqStep(NamedTuple):
     """None for a prefill chunk that does not reach the end of the known tokens."""
 
 
-class TokenLogprobs(NamedTuple):
-    """Log-probability of a sampled token and the top-n alternatives (most likely first)."""
-
-    logprob: float
-    top: tuple[tuple[int, float], ...]
-
-
 class StepResult(NamedTuple):
     """Tokens drawn in one step, in the order of the steps that asked to sample."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+
+
+class PreparedStep(NamedTuple):
+    """A step's inputs on the model's device, ready for `ModelRunner.run`."""
+
+    ctx: ForwardContext
+    input_ids: torch.Tensor
+    sampling: SamplingTensors
 
 
 class ModelRunner:
@@ -130,17 +132,25 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, steps: Sequence[SeqStep]) -> StepResult:
-        """Run the model over `steps` (decodes first for the best kernels) and sample."""
-        ctx, input_ids = self._prepare(steps)
-        with forward_context(ctx):
-            hidden = self.model(input_ids)
-            logits = self.model.compute_logits(hidden)
-        sampled = self.sampler(logits, self._sampling_tensors(steps))
-        return _to_result(sampled)
+        """Prepare and run one step (decodes first for the best kernels)."""
+        return self.run(self.prepare(steps))
 
-    def _prepare(self, steps: Sequence[SeqStep]) -> tuple[ForwardContext, torch.Tensor]:
+    def prepare(self, steps: Sequence[SeqStep]) -> PreparedStep:
+        """Turn `steps` into device tensors. Reads the steps' lists, so the caller must not
+        change them until this returns; the result is owned by the step alone."""
+        ctx, input_ids = self._inputs(steps)
+        return PreparedStep(ctx, input_ids, self._sampling_tensors(steps))
+
+    @torch.inference_mode()
+    def run(self, prepared: PreparedStep) -> StepResult:
+        """Run the model with the step's forward context bound, then sample."""
+        with forward_context(prepared.ctx):
+            hidden = self.model(prepared.input_ids)
+            logits = self.model.compute_logits(hidden)
+        return _to_result(self.sampler(logits, prepared.sampling))
+
+    def _inputs(self, steps: Sequence[SeqStep]) -> tuple[ForwardContext, torch.Tensor]:
         bs = self.block_size
         q_lens = np.fromiter((len(s.token_ids) for s in steps), np.int64, len(steps))
         starts = np.fromiter((s.start for s in steps), np.int64, len(steps))

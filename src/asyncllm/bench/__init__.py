@@ -1,0 +1,16 @@
+"""Benchmarks behind `asyncllm bench ...` (throughput, attention, scheduler, loop lag)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_bench_parser"]
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `asyncllm bench <name>` subcommands."""
+    bench = sub.add_parser("bench", help="run a benchmark")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    from asyncllm.bench import scheduler_overhead
+
+    scheduler_overhead.add_parser(kinds)

@@ -1,0 +1,362 @@
+"""`AsyncEngine`: the engine as an async context manager living in the caller's event loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from asyncllm.config import EngineConfig
+from asyncllm.engine.core import EngineCore, Prompt
+from asyncllm.engine.request import Request
+from asyncllm.engine.stream import RequestStream
+from asyncllm.errors import (
+    BlockingCallError,
+    EngineDeadError,
+    EngineError,
+    EngineNotRunningError,
+    InvalidRequestError,
+    WrongEventLoopError,
+)
+from asyncllm.outputs import EngineStats, RequestOutput, StreamToken
+from asyncllm.sampling import SamplingParams
+
+__all__ = ["AsyncEngine"]
+
+logger = logging.getLogger("asyncllm")
+
+
+class AsyncEngine:
+    """An inference engine whose loop runs as a task in your event loop.
+
+    Model work runs on a worker thread (and, on a GPU, on the engine's own CUDA stream), so
+    the event loop stays responsive while steps compute.
+
+    Example:
+        >>> engine = AsyncEngine.from_pretrained()  # the embedded tiny model
+        >>> async def main():
+        ...     async with engine:
+        ...         async for token in engine.stream("Once upon a time"):
+        ...             print(token.text, end="")
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._core = EngineCore(config)
+        self._requests: dict[str, Request] = {}
+        self._state = "created"  # -> "running" -> "stopped", or "dead"
+        self._death: BaseException | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop_thread: int | None = None
+        self._loop_scope: anyio.CancelScope | None = None
+        self._loop_done = anyio.Event()
+        self._loop_task: Any = None  # keeps the asyncio task referenced while it runs
+        self._wakeup = anyio.Event()
+        self._step_in_flight = False
+        self._worker = anyio.CapacityLimiter(1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, **overrides: Any) -> AsyncEngine:
+        """An engine for the model in `path` (None: the embedded tiny model).
+
+        `overrides` are `EngineConfig` fields; an unknown one raises `ConfigError`. The config
+        and tokenizer are read now; weights load when the engine starts.
+        """
+        return cls(EngineConfig().replace(model=path, **overrides))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's `asyncllm.tokenizer.Tokenizer`."""
+        return self._core.tokenizer
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Load the model (off the loop) and start the engine loop in the current event loop."""
+        if self._state != "created":
+            raise EngineError(f"an engine starts once; this one is {self._state}")
+        self._token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
+        self._state = "starting"
+        try:
+            await anyio.to_thread.run_sync(self._core.load, limiter=self._worker)
+        except BaseException:
+            self._state = "stopped"
+            raise
+        self._loop_scope = anyio.CancelScope()
+        self._loop_task = _spawn(self._run, self._loop_scope)
+        self._state = "running"
+        logger.info("engine started: %s", self._core.stats())
+
+    async def shutdown(self) -> None:
+        """Abort what is in flight, stop the loop task, and release the model.
+
+        May be called from any task of the engine's loop; a second call does nothing.
+        """
+        if self._loop_scope is None:
+            if self._state != "dead":
+                self._state = "stopped"
+            return
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        scope, self._loop_scope = self._loop_scope, None
+        scope.cancel()
+        await self._loop_done.wait()
+        self._loop_task = None
+        if self._state != "dead":
+            self._state = "stopped"
+
+    # ---- submitting --------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Submit a request and return the async iterator of its tokens.
+
+        `prompt` is text or a list of token ids. Raises `InvalidRequestError` (or its child
+        `PromptTooLongError`) at once for a bad request; the engine keeps serving.
+        """
+        self._check_usable()
+        if request_id is not None and request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        req = self._core.make_request(prompt, params, request_id)
+        self._requests[req.request_id] = req
+        self._core.scheduler.add(req)
+        self._wakeup.set()
+        return RequestStream(self, req)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> RequestOutput:
+        """Run one request to completion and return its `RequestOutput`."""
+        async with self.stream(prompt, params, request_id=request_id) as stream:
+            async for _ in stream:
+                pass
+            return stream.output()
+
+    async def generate_many(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        """Run many requests concurrently; outputs come back in the order of `prompts`.
+
+        `params` is one `SamplingParams` for all, or one per prompt. `progress=True` shows a
+        tqdm progress bar of finished requests.
+        """
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(params)} params for {len(prompts)} prompts")
+        streams = [self.stream(p, sp) for p, sp in zip(prompts, params)]
+        outputs: list[RequestOutput | None] = [None] * len(streams)
+        bar = _progress_bar(len(streams)) if progress else None
+
+        async def drain(index: int) -> None:
+            async with streams[index] as stream:
+                async for _ in stream:
+                    pass
+                outputs[index] = stream.output()
+            if bar is not None:
+                bar.update(1)
+
+        try:
+            async with anyio.create_task_group() as group:
+                for index in range(len(streams)):
+                    group.start_soon(drain, index)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [out for out in outputs if out is not None]
+
+    def stream_threadsafe(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> Iterator[StreamToken]:
+        """`stream()` for a thread other than the engine loop's (e.g. a WSGI worker).
+
+        Returns a blocking iterator; each step waits on the engine's loop, so a slow reader
+        holds nothing but its own tokens. Closing the iterator (or dropping it) aborts.
+        """
+        token = self._foreign_thread_token()
+        stream = anyio.from_thread.run_sync(self.stream, prompt, params, token=token)
+        return _iterate_from_thread(stream, token)
+
+    def generate_threadsafe(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> RequestOutput:
+        """`generate()` from a thread other than the engine loop's; blocks that thread."""
+        token = self._foreign_thread_token()
+        return anyio.from_thread.run(self.generate, prompt, params, token=token)
+
+    def _foreign_thread_token(self) -> anyio.lowlevel.EventLoopToken:
+        if self._token is None or self._state != "running":
+            self._check_usable()  # raises the precise error
+        if threading.get_ident() == self._loop_thread:
+            raise BlockingCallError(
+                "a *_threadsafe method was called on the engine's own loop thread; use the "
+                "async method instead"
+            )
+        assert self._token is not None
+        return self._token
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request and free its KV blocks; unknown or finished ids are ignored."""
+        req = self._requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return
+        if self._state in ("running", "dead"):
+            self._core.abort(req, self._step_in_flight)
+        self._notify(req)
+
+    def abort_threadsafe(self, request_id: str) -> None:
+        """`abort` from any thread (it runs on the engine's loop)."""
+        if self._token is None or self._state not in ("running",):
+            return
+        if threading.get_ident() == self._loop_thread:
+            self.abort(request_id)
+        else:
+            _call_soon_threadsafe(self._token, self.abort, request_id)
+
+    def stats(self) -> EngineStats:
+        """Queue sizes, KV-pool usage and prefix-cache counters right now."""
+        return self._core.stats()
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._state == "dead":
+            raise EngineDeadError(f"the engine failed earlier: {self._death!r}") from self._death
+        if self._state != "running":
+            raise EngineNotRunningError(f"the engine is {self._state}; use `async with engine:`")
+        try:
+            token = anyio.lowlevel.current_token()
+        except Exception:
+            token = None
+        if token != self._token:
+            raise WrongEventLoopError(
+                "this engine runs in another event loop (or none is running in this thread); "
+                "submit from the engine's loop"
+            )
+
+    async def _run(self, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                while True:
+                    if not self._core.has_work():
+                        self._wakeup = anyio.Event()
+                        await self._wakeup.wait()
+                        continue
+                    await self._step()
+        except Exception as exc:
+            self._die(exc)
+        finally:
+            self._loop_done.set()
+
+    async def _step(self) -> None:
+        step, prepared = self._core.schedule()
+        if prepared is None:
+            # Nothing fits right now (cannot happen with validated requests); wait for change.
+            logger.error("scheduler produced an empty step with work pending")
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+            return
+        self._step_in_flight = True
+        try:
+            result = await anyio.to_thread.run_sync(
+                self._core.runner.run, prepared, limiter=self._worker  # type: ignore[union-attr]
+            )
+        finally:
+            self._step_in_flight = False
+        for req in self._core.process(step, result):
+            self._notify(req)
+            if req.is_finished:
+                self._requests.pop(req.request_id, None)
+
+    def _die(self, exc: BaseException) -> None:
+        logger.error("engine step failed; failing all requests", exc_info=exc)
+        self._state = "dead"
+        self._death = exc
+        for req in self._core.fail_all():
+            req.error = exc
+            self._notify(req)
+        self._requests.clear()
+
+    @staticmethod
+    def _notify(req: Request) -> None:
+        if req.waiter is not None:
+            req.waiter.set()
+            req.waiter = None
+
+
+def _iterate_from_thread(
+    stream: RequestStream, token: anyio.lowlevel.EventLoopToken
+) -> Iterator[StreamToken]:
+    try:
+        while (item := anyio.from_thread.run(_next_or_none, stream, token=token)) is not None:
+            yield item
+    finally:
+        stream._engine.abort_threadsafe(stream.request_id)
+
+
+async def _next_or_none(stream: RequestStream) -> StreamToken | None:
+    # StopAsyncIteration must not cross the thread boundary: it is not an ordinary error
+    # to the loop's task machinery.
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _spawn(fn: Any, *args: Any) -> Any:
+    """Start `fn(*args)` as a background task of the running loop, needing no task group from
+    the caller (so `start` and `shutdown` may run in different tasks)."""
+    loop = anyio.lowlevel.current_token().native_token
+    if hasattr(loop, "create_task"):  # asyncio and uvloop
+        return loop.create_task(fn(*args), name="asyncllm-engine-loop")
+    import trio
+
+    return trio.lowlevel.spawn_system_task(fn, *args, name="asyncllm-engine-loop")
+
+
+def _call_soon_threadsafe(token: anyio.lowlevel.EventLoopToken, fn: Any, *args: Any) -> None:
+    native = token.native_token
+    try:
+        if hasattr(native, "call_soon_threadsafe"):  # asyncio (and uvloop)
+            native.call_soon_threadsafe(fn, *args)
+        else:  # trio
+            native.run_sync_soon(fn, *args)
+    except RuntimeError:
+        pass  # the loop is closed: nothing left to abort
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")

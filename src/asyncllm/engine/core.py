@@ -1,0 +1,244 @@
+"""The engine's synchronous core: admission checks, step building and output processing.
+
+No event loop here: `AsyncEngine` drives this object from its loop task, calling
+`schedule()` and `process()` on the loop thread and `runner.run()` on a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from asyncllm.config import EngineConfig
+from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, SeqStep, StepResult
+from asyncllm.engine.scheduler import ScheduledStep, Scheduler
+from asyncllm.errors import ConfigError, InvalidRequestError, ModelLoadError, PromptTooLongError
+from asyncllm.model.config import ModelConfig
+from asyncllm.outputs import EngineStats
+from asyncllm.sampling import SamplingParams
+from asyncllm.tokenizer import Tokenizer
+
+__all__ = ["DEFAULT_MODEL_DIR", "EngineCore", "Prompt"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen3"
+
+Prompt = str | Sequence[int]
+
+
+class EngineCore:
+    """Owns the tokenizer, model runner, block manager and scheduler of one engine."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = Path(config.model) if config.model is not None else DEFAULT_MODEL_DIR
+        if not self.model_dir.is_dir():
+            raise ModelLoadError(f"model directory {self.model_dir} does not exist")
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self.runner: ModelRunner | None = None
+        self.num_steps = 0
+        self.num_finished = 0
+        self._release_after_step: list[Request] = []
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the weights, allocate the KV pool, and size `max_model_len` (slow: run it off
+        the event loop)."""
+        self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
+        num_blocks, block_size = self.runner.num_kv_blocks, self.config.block_size
+        self.max_model_len = self._resolve_max_model_len(num_blocks * block_size)
+        self.blocks = BlockManager(num_blocks, block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens
+        )
+
+    def _resolve_max_model_len(self, pool_tokens: int) -> int:
+        model_limit = self.model_config.max_position_embeddings
+        asked = self.config.max_model_len
+        if asked is None:
+            return min(model_limit, pool_tokens)
+        if asked > model_limit:
+            raise ConfigError(f"max_model_len {asked} exceeds the model's limit {model_limit}")
+        if asked > pool_tokens:
+            raise ConfigError(
+                f"max_model_len {asked} does not fit the KV pool ({pool_tokens} tokens); "
+                "raise num_kv_blocks / memory or lower max_model_len"
+            )
+        return asked
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def make_request(
+        self, prompt: Prompt, params: SamplingParams | None, request_id: str | None
+    ) -> Request:
+        """Validate a submission and build its `Request`; raises `InvalidRequestError`."""
+        params = _check_params(params)
+        token_ids = self._prompt_ids(prompt)
+        max_tokens = self._check_length(len(token_ids), params)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
+        return Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids=token_ids,
+            params=params,
+            max_tokens=max_tokens,
+            seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
+            eos_token_ids=frozenset(self.model_config.eos_token_ids),
+            detokenizer=self.tokenizer.detokenizer(),
+        )
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+            raise InvalidRequestError(
+                f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}"
+            )
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        for position, token in enumerate(ids):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise InvalidRequestError(
+                    f"prompt token {position} is {token!r}: token ids must be ints in [0, {vocab})"
+                )
+        return ids
+
+    def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise PromptTooLongError(
+                f"prompt has {prompt_len} tokens; max_model_len {self.max_model_len} leaves no "
+                "room to generate"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise PromptTooLongError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+        max_tokens = params.max_tokens or room
+        needed = self.blocks.blocks_needed(prompt_len + max_tokens)
+        if needed > self.blocks.num_blocks:
+            raise PromptTooLongError(
+                f"the request needs {needed} KV blocks but the pool has {self.blocks.num_blocks}"
+            )
+        return max_tokens
+
+    # ---- stepping ----------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def schedule(self) -> tuple[ScheduledStep, PreparedStep | None]:
+        """Choose the next step and turn it into device inputs (None when there is no work)."""
+        assert self.runner is not None, "schedule() before load()"
+        step = self.scheduler.schedule()
+        if not step.requests:
+            return step, None
+        return step, self.runner.prepare(self._seq_steps(step))
+
+    def _seq_steps(self, step: ScheduledStep) -> list[SeqStep]:
+        seq_steps = []
+        for index, (req, count) in enumerate(zip(step.requests, step.num_tokens)):
+            start = req.num_computed_tokens - count
+            sample = None
+            if step.samples(index):
+                sample = SampleSpec(
+                    req.params, req.seed, req.num_output_tokens, req.banned_token_ids()
+                )
+            seq_steps.append(SeqStep(req.token_ids[start : start + count], start,
+                                     req.block_ids, sample))
+        return seq_steps
+
+    def process(self, step: ScheduledStep, result: StepResult) -> list[Request]:
+        """Append the sampled tokens, apply stop rules, release what finished.
+
+        Returns the requests whose streams have something new.
+        """
+        now = time.monotonic()
+        self.num_steps += 1
+        samples = iter(zip(result.token_ids, result.logprobs))
+        updated = []
+        for index, req in enumerate(step.requests):
+            if not step.samples(index):
+                continue
+            token_id, logprobs = next(samples)
+            if req.is_finished:
+                continue  # aborted while the step ran
+            req.append_token(token_id, logprobs, now)
+            if not req.is_finished and req.num_tokens >= self.max_model_len:
+                req.finish("length")
+            updated.append(req)
+            if req.is_finished:
+                self._release(req)
+        self.scheduler.after_step(step)
+        for req in self._release_after_step:
+            self._release(req)
+        self._release_after_step.clear()
+        return updated
+
+    def abort(self, req: Request, step_in_flight: bool) -> None:
+        """End `req` now; its blocks are released at once, or right after the step in flight
+        (which may still be writing to them)."""
+        if req.is_finished:
+            return
+        req.finish("abort")
+        if step_in_flight and req.status is RequestStatus.RUNNING:
+            self._release_after_step.append(req)
+        else:
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req.status is RequestStatus.RELEASED:
+            return
+        self.scheduler.remove(req)
+        req.status = RequestStatus.RELEASED
+        self.num_finished += 1
+
+    def fail_all(self) -> list[Request]:
+        """Drop every request (the engine died); returns them so their streams can be told."""
+        victims = [*self.scheduler.running, *self.scheduler.waiting]
+        for req in victims:
+            req.finish("abort")
+            self._release(req)
+        return victims
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queue and KV-pool state."""
+        loaded = self.runner is not None
+        return EngineStats(
+            running=len(self.scheduler.running) if loaded else 0,
+            waiting=len(self.scheduler.waiting) if loaded else 0,
+            kv_blocks_total=self.blocks.num_blocks if loaded else 0,
+            kv_blocks_free=self.blocks.num_free_blocks if loaded else 0,
+            kv_blocks_cached=self.blocks.num_cached_blocks if loaded else 0,
+            prefix_cache_queries=self.blocks.query_tokens if loaded else 0,
+            prefix_cache_hit_tokens=self.blocks.hit_tokens if loaded else 0,
+            num_steps=self.num_steps,
+            num_preemptions=self.scheduler.num_preemptions if loaded else 0,
+            num_finished=self.num_finished,
+            attention_backend=self.runner.attn_backend.name if self.runner else "",
+        )
+
+
+def _check_params(params: SamplingParams | None) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+    return params

@@ -1,0 +1,195 @@
+"""A request's life inside the engine: its tokens, its KV blocks, and its output so far."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from asyncllm.outputs import (
+    FinishReason,
+    RequestMetrics,
+    RequestOutput,
+    StreamToken,
+    TokenLogprobs,
+    Usage,
+)
+from asyncllm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from asyncllm.tokenizer import IncrementalDetokenizer
+
+__all__ = ["Request", "RequestStatus"]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    RELEASED = "released"
+    """Finished and out of the scheduler; it holds no KV blocks."""
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One request. The scheduler reads and moves the token/block fields; the engine appends
+    outputs with `append_token`, which also applies the stop rules."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    """Resolved limit: params.max_tokens, or whatever room max_model_len leaves."""
+    seed: int
+    eos_token_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer | None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    token_ids: list[int] = field(init=False)
+    """Prompt followed by the generated tokens."""
+    num_computed_tokens: int = 0
+    """Tokens whose K/V are in the cache (reset to 0 by preemption)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served by the prefix cache when the request was first admitted."""
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    """Chained hashes of the request's full blocks, memoised (they depend on tokens only)."""
+    num_registered_blocks: int = 0
+    """Leading blocks of block_ids already offered to the prefix cache."""
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+
+    outputs: list[StreamToken] = field(default_factory=list)
+    text: str = ""
+    """Output text so far, up to (not including) a matched stop string."""
+    num_text_released: int = 0
+    """Characters of `text` already attached to streamed tokens."""
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+    first_scheduled_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    waiter: Any = None
+    """The event a reader waits on for new outputs (set by the engine, then dropped)."""
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    # ---- counts ---------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        """True once a stop rule, limit or abort ended the request (its blocks may still be
+        held until the step that computes it completes)."""
+        return self.finish_reason is not None
+
+    def banned_token_ids(self) -> tuple[int, ...]:
+        """Ids the sampler must not draw now: stop tokens while under min_tokens."""
+        if self.num_output_tokens >= self.params.min_tokens:
+            return ()
+        banned = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            banned |= self.eos_token_ids
+        return tuple(sorted(banned))
+
+    # ---- outputs --------------------------------------------------------------------------
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> None:
+        """Record a sampled token, decode its text, and finish the request if a rule says so."""
+        self.token_ids.append(token_id)
+        self.token_times.append(now)
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.push(token_id)
+        reason = self._stop_reason(token_id)
+        if reason is not None:
+            self.finish_reason = reason
+        if self.params.logprobs is not None and logprobs is not None:
+            logprobs = TokenLogprobs(logprobs.logprob, logprobs.top[: self.params.logprobs])
+        else:
+            logprobs = None
+        self.outputs.append(
+            StreamToken(token_id, self._release_text(), self.num_output_tokens - 1, logprobs,
+                        self.finish_reason)
+        )
+
+    def _stop_reason(self, token_id: int) -> FinishReason | None:
+        if self.num_output_tokens >= self.params.min_tokens:
+            if token_id in self.params.stop_token_ids:
+                return "stop"
+            if not self.params.ignore_eos and token_id in self.eos_token_ids:
+                return "stop"
+            if self.params.stop and self._truncate_at_stop_string():
+                return "stop"
+        if self.num_output_tokens >= self.max_tokens:
+            return "length"
+        return None
+
+    def _truncate_at_stop_string(self) -> bool:
+        # Only the tail can hold a new match: text released earlier was already checked.
+        longest = max(len(s) for s in self.params.stop)
+        search_from = max(0, self.num_text_released - longest + 1)
+        found = [i for s in self.params.stop if (i := self.text.find(s, search_from)) >= 0]
+        if not found:
+            return False
+        self.text = self.text[: min(found)]
+        return True
+
+    def _release_text(self) -> str:
+        """Text that is safe to stream now: all of it once finished; otherwise all but a tail
+        that could still turn out to be the start of a stop string."""
+        end = len(self.text)
+        if self.finish_reason is None and self.params.stop:
+            end -= max(len(s) for s in self.params.stop) - 1
+        if end <= self.num_text_released:
+            return ""
+        piece = self.text[self.num_text_released : end]
+        self.num_text_released = end
+        return piece
+
+    def finish(self, reason: FinishReason) -> None:
+        """End the request from outside the stop rules (abort, engine limit)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            # Held-back text never reached a stream; keep text equal to what was streamed.
+            self.text = self.text[: self.num_text_released]
+
+    def to_output(self) -> RequestOutput:
+        """The final `RequestOutput` (call once finished)."""
+        assert self.finish_reason is not None, "to_output() before the request finished"
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = [t.logprobs for t in self.outputs if t.logprobs is not None]
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=list(self.prompt_token_ids),
+            token_ids=self.token_ids[self.num_prompt_tokens :],
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=Usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens),
+            metrics=self._metrics(),
+            logprobs=logprobs,
+        )
+
+    def _metrics(self) -> RequestMetrics:
+        end = self.token_times[-1] if self.token_times else time.monotonic()
+        started = self.first_scheduled_time or end
+        times = self.token_times
+        return RequestMetrics(
+            arrival_time=self.arrival_time,
+            queue_time=started - self.arrival_time,
+            ttft=times[0] - self.arrival_time if times else None,
+            itl=tuple(b - a for a, b in zip(times, times[1:])),
+            e2e_latency=end - self.arrival_time,
+            num_preemptions=self.num_preemptions,
+        )

@@ -1,0 +1,128 @@
+"""Continuous batching: which requests compute how many tokens in the next step.
+
+Each step spends a token budget (`max_num_batched_tokens`): running requests first (a decode
+costs one token; a prompt being prefilled in chunks takes what is left), then waiting
+requests in arrival order, each starting after its cached prefix. Decodes and prefill chunks
+share steps, so a long prompt never stalls running streams. When the KV pool runs dry, the
+newest running request is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import NamedTuple
+
+from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.request import Request, RequestStatus
+
+__all__ = ["ScheduledStep", "Scheduler"]
+
+
+class ScheduledStep(NamedTuple):
+    """The work of one step: `num_tokens[i]` new tokens of `requests[i]`, decodes first."""
+
+    requests: list[Request]
+    num_tokens: list[int]
+
+    def samples(self, index: int) -> bool:
+        """Whether requests[index] reaches its last known token this step (and so samples)."""
+        return self.requests[index].num_computed_tokens == self.requests[index].num_tokens
+
+
+class Scheduler:
+    """FCFS admission, chunked prefill, mixed prefill+decode steps, recompute preemption."""
+
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a finished or aborted request out of the queues and free its blocks."""
+        assert req.status is not RequestStatus.RELEASED, "request removed twice"
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        self.blocks.free(req)
+
+    def schedule(self) -> ScheduledStep:
+        """Pick this step's work; computed-token counts advance as if the step already ran."""
+        picked: dict[Request, int] = {}
+        used = 0
+        preempted = False
+        # Decodes before prefill chunks, so a long prompt being prefilled cannot starve them.
+        for decode_pass in (True, False):
+            for req in list(self.running):
+                remaining = req.num_tokens - req.num_computed_tokens
+                if req.status is not RequestStatus.RUNNING or (remaining == 1) != decode_pass:
+                    continue  # preempted earlier in this step, or not this pass's kind
+                count = min(remaining, self.max_num_batched_tokens - used)
+                if count <= 0:
+                    break
+                while not self.blocks.allocate(req, count):
+                    victim = self.running[-1]  # newest first: it has the least work to redo
+                    used -= picked.pop(victim, 0)
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                else:
+                    picked[req] = count
+                    used += count
+        if not preempted:
+            self._admit(picked, self.max_num_batched_tokens - used)
+        return self._finalize(picked)
+
+    def _admit(self, picked: dict[Request, int], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.blocks.cached_prefix(req)
+            count = min(req.num_tokens - len(cached) * self.blocks.block_size, budget)
+            if not self.blocks.allocate(req, count, cached):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self._on_admitted(req, len(cached) * self.blocks.block_size)
+            picked[req] = count
+            budget -= count
+
+    def _on_admitted(self, req: Request, cached_tokens: int) -> None:
+        first_time = req.first_scheduled_time is None
+        if first_time:
+            req.first_scheduled_time = time.monotonic()
+            req.num_cached_tokens = cached_tokens
+            self.blocks.record_lookup(req.num_tokens, cached_tokens)
+        req.num_computed_tokens = cached_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _finalize(self, picked: dict[Request, int]) -> ScheduledStep:
+        order = sorted(picked.items(), key=lambda item: item[1] != 1)  # decodes first (stable)
+        for req, count in order:
+            req.num_computed_tokens += count
+        return ScheduledStep([req for req, _ in order], [count for _, count in order])
+
+    def after_step(self, step: ScheduledStep) -> None:
+        """Register the blocks the finished step filled, so later requests can reuse them."""
+        for req in step.requests:
+            if not req.is_finished:
+                self.blocks.register_full_blocks(req)

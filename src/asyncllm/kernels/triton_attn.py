@@ -1,0 +1,370 @@
+"""The Triton attention backend: the default on CUDA when flash-attn is absent.
+
+One step runs up to four kernels (see `triton_attn_kernels`):
+
+- `store_kv`: this step's K/V into the paged cache through `slot_mapping`;
+- split-KV decode (flash-decoding) for the leading single-token sequences, then a small
+  reduce when there is more than one split;
+- paged varlen prefill for the remaining sequences (chunks after a cached prefix included).
+
+A decode-only step launches a fixed set of kernels whose grids depend only on the batch
+shape and the device, never on sequence lengths, so it can be captured in a CUDA graph and
+replayed with new lengths and block tables.
+
+Importing this module needs Triton but not CUDA: kernels compile at their first launch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import triton
+
+from asyncllm.kernels.base import AttentionBackend
+from asyncllm.kernels.triton_attn_kernels import (
+    decode_reduce_kernel,
+    decode_split_kernel,
+    prefill_kernel,
+    store_kv_kernel,
+)
+
+if TYPE_CHECKING:
+    from asyncllm.context import ForwardContext
+
+__all__ = ["DecodeTuning", "PrefillTuning", "TritonAttention", "triton_store_kv"]
+
+_LOG2_E = 1.4426950408889634
+_HEAD_DIMS = (32, 64, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_PAGE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch shape of the split-KV decode kernel (None: chosen from head_dim and dtype).
+
+    Splits are ceil(programs_per_sm * SMs / (rows * Hkv)) rounded up to a power of two and
+    capped at `max_splits`: a function of the batch shape and the device only, as CUDA
+    graphs need. (On the H100, 3 splits of 32 x 8192 ran 6 % slower than 2 or 4: a partial
+    last wave; powers of two avoided that in the sweep, see docs/kernels-notes.md.)
+    """
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    programs_per_sm: int = 4
+    max_splits: int = 64
+    fixed_splits: int | None = None
+    """Use exactly this many splits (benchmarks and tests); overrides the rule above."""
+
+
+@dataclass(frozen=True)
+class PrefillTuning:
+    """Launch shape of the prefill kernel (None: chosen from head_dim and dtype)."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+def triton_store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token i's K/V [T, Hkv, D] to flat slot `slot_mapping[i]`; slots < 0 are skipped."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_last_dim_contiguous(k, v, k_cache, v_cache)
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must share one layout (the kernels use one set)")
+    store_kv_kernel[(num_tokens,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[1],
+        num_warps=4,
+    )
+
+
+class TritonAttention(AttentionBackend):
+    """Paged attention in Triton: split-KV decode, varlen paged prefill, GQA, CUDA graphs.
+
+    `build_metadata` is the base class's no-op: the prefill kernel maps its tiles to
+    sequences by a binary search over `cu_seqlens_q` on the device, so no per-step host
+    tables (and no device-to-host sync) are needed.
+
+    Example:
+        >>> backend = TritonAttention()  # doctest: +SKIP
+        >>> out = backend.forward(ctx, q, k, v, k_cache, v_cache, scale=head_dim**-0.5)
+    """
+
+    name: ClassVar[str] = "triton"
+    supports_cuda_graphs: ClassVar[bool] = True
+
+    def __init__(
+        self, decode: DecodeTuning | None = None, prefill: PrefillTuning | None = None
+    ) -> None:
+        self.decode_tuning = decode or DecodeTuning()
+        self.prefill_tuning = prefill or PrefillTuning()
+
+    @classmethod
+    def unsupported_reason(
+        cls, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+    ) -> str | None:
+        """Why this configuration cannot run here, or None (CUDA sm80+, head_dim a power of
+        two in 32..256, block_size a power of two >= 8, fp16/bf16/fp32)."""
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return "the Triton kernels need a CUDA device"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "the Triton kernels need compute capability 8.0 or newer"
+        if head_dim not in _HEAD_DIMS:
+            return f"head_dim {head_dim} is not one of {_HEAD_DIMS}"
+        if block_size < _MIN_PAGE_SIZE or block_size & (block_size - 1):
+            return f"block_size {block_size} is not a power of two >= {_MIN_PAGE_SIZE}"
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} is not float16, bfloat16 or float32"
+        return None
+
+    def forward(
+        self,
+        ctx: ForwardContext,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write this step's K/V into the cache and return the attention output [T, Hq, D]."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self.forward_into(out, ctx, q, k, v, k_cache, v_cache, scale)
+        return out
+
+    def forward_into(
+        self,
+        out: torch.Tensor,
+        ctx: ForwardContext,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """`forward`, writing into `out` [T, Hq, D] (every element is written)."""
+        triton_store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        _check_last_dim_contiguous(q, out)
+        num_decodes = ctx.num_decode_seqs
+        if ctx.is_decode_only:
+            # Rows past the last sequence (fixed-size padding) get zeros from the decode kernel.
+            self._decode(out, ctx, q, k_cache, v_cache, scale, num_rows=q.shape[0])
+            return
+        if num_decodes:
+            self._decode(out, ctx, q, k_cache, v_cache, scale, num_rows=num_decodes)
+        self._prefill(out, ctx, q, k_cache, v_cache, scale, first_seq=num_decodes)
+
+    def decode_splits(self, num_rows: int, num_kv_heads: int, device: torch.device) -> int:
+        """How many key splits each decode row gets: a function of shape and device only."""
+        tuning = self.decode_tuning
+        if tuning.fixed_splits is not None:
+            return tuning.fixed_splits
+        wanted = math.ceil(tuning.programs_per_sm * _sm_count(device) / (num_rows * num_kv_heads))
+        return max(1, min(int(triton.next_power_of_2(wanted)), tuning.max_splits))
+
+    def _decode(
+        self,
+        out: torch.Tensor,
+        ctx: ForwardContext,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        num_rows: int,
+    ) -> None:
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        splits = self.decode_splits(num_rows, num_kv_heads, q.device)
+        block_n, num_warps, num_stages = self._decode_launch(head_dim, q.dtype)
+        if splits > 1:
+            part_ml = torch.empty(
+                (num_rows, num_heads, splits, 2), dtype=torch.float32, device=q.device
+            )
+            part_acc = torch.empty(
+                (num_rows, num_heads, splits, head_dim), dtype=torch.float32, device=q.device
+            )
+        else:
+            part_ml = part_acc = out  # unused by the kernel
+        decode_split_kernel[(num_kv_heads, splits, num_rows)](
+            q,
+            k_cache,
+            v_cache,
+            ctx.block_tables,
+            ctx.seq_lens_k,
+            out,
+            part_ml,
+            part_acc,
+            scale * _LOG2_E,
+            ctx.num_seqs,
+            splits,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            ctx.block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            GROUP=group,
+            GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim,
+            PAGE_SIZE=k_cache.shape[1],
+            BLOCK_N=block_n,
+            SINGLE_SPLIT=splits == 1,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+        if splits > 1:
+            decode_reduce_kernel[(num_heads, num_rows)](
+                part_ml,
+                part_acc,
+                out,
+                splits,
+                out.stride(0),
+                out.stride(1),
+                SPLITS_PAD=triton.next_power_of_2(splits),
+                HEAD_DIM=head_dim,
+                num_warps=4,
+            )
+
+    def _prefill(
+        self,
+        out: torch.Tensor,
+        ctx: ForwardContext,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        first_seq: int,
+    ) -> None:
+        num_tokens, num_heads, head_dim = q.shape
+        num_seqs = ctx.num_seqs
+        block_m, block_n, num_warps, num_stages = self._prefill_launch(head_dim, q.dtype)
+        # Enough virtual tiles for every sequence (see `_find_sequence`) plus trailing padding.
+        num_tiles = num_tokens // block_m + num_seqs + 1
+        prefill_kernel[(num_heads, num_tiles)](
+            q,
+            k_cache,
+            v_cache,
+            ctx.block_tables,
+            ctx.seq_lens_k,
+            ctx.cu_seqlens_q,
+            out,
+            scale * _LOG2_E,
+            first_seq,
+            num_seqs,
+            num_tokens,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            ctx.block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            GROUP=num_heads // k_cache.shape[2],
+            HEAD_DIM=head_dim,
+            PAGE_SIZE=k_cache.shape[1],
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+
+    def _decode_launch(self, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+        """(BLOCK_N, num_warps, num_stages) of the decode kernel."""
+        if dtype == torch.float32:
+            # IEEE float32 dots run on FMAs and keep whole operand rows in registers: small
+            # tiles over 8 warps are the largest that compile without spills, for every D.
+            block_n, num_warps, num_stages = 32, 8, 2
+        elif head_dim <= 128:
+            block_n, num_warps, num_stages = 128, 4, 3  # best of the H100 sweep
+        else:
+            block_n, num_warps, num_stages = 32, 4, 2
+        tuning = self.decode_tuning
+        return (
+            tuning.block_n or block_n,
+            tuning.num_warps or num_warps,
+            tuning.num_stages or num_stages,
+        )
+
+    def _prefill_launch(self, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel.
+
+        Every default compiles for sm_90 without register spills (checked with the compiler's
+        resource report; see docs/kernels-notes.md).
+        """
+        if dtype == torch.float32:
+            fp32_tiles = {32: (64, 32), 64: (64, 32), 128: (32, 16), 256: (16, 32)}
+            block_m, block_n = fp32_tiles.get(head_dim, (16, 16))
+            num_warps, num_stages = 8, 2
+        elif head_dim <= 128:
+            # Within 1 % of the best H100 sweep average, without the register spills of
+            # (128, 64, 4 warps).
+            block_m, block_n, num_warps, num_stages = 128, 128, 8, 2
+        else:
+            block_m, block_n, num_warps, num_stages = 64, 64, 8, 2
+        tuning = self.prefill_tuning
+        return (
+            tuning.block_m or block_m,
+            tuning.block_n or block_n,
+            tuning.num_warps or num_warps,
+            tuning.num_stages or num_stages,
+        )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # TF32 would cost float32 models their token-exact parity with transformers.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _sm_count_of(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a nominal 1 off CUDA, e.g. the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count_of(index)
+
+
+def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
+    for tensor in tensors:
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"the Triton kernels need a contiguous last dimension: {tensor.shape}")

@@ -1,0 +1,96 @@
+"""What the engine hands back: streamed tokens, final outputs, usage, metrics and stats."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+__all__ = [
+    "EngineStats",
+    "FinishReason",
+    "RequestMetrics",
+    "RequestOutput",
+    "StreamToken",
+    "TokenLogprobs",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probability of a sampled token and of the top-n alternatives (most likely first)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+class StreamToken(NamedTuple):
+    """One generated token as `engine.stream()` yields it.
+
+    `text` is the newly decoded text this token completes; it may be "" (half of a
+    multi-byte character, or text held back while it could still be part of a stop string).
+    Concatenating every `text` of a request gives exactly its final text.
+    """
+
+    token_id: int
+    text: str
+    index: int
+    """Position among the request's generated tokens (0-based)."""
+    logprobs: TokenLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    """Set on the request's last token."""
+
+
+class Usage(NamedTuple):
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    """Prompt tokens whose KV came from the prefix cache instead of being computed."""
+
+
+class RequestMetrics(NamedTuple):
+    """Timings of a request in seconds (monotonic clock)."""
+
+    arrival_time: float
+    queue_time: float
+    """From submission to the first step that computed any of its tokens."""
+    ttft: float | None
+    """Time to first token, from submission; None if no token was produced."""
+    itl: tuple[float, ...]
+    """Gaps between consecutive tokens."""
+    e2e_latency: float
+    num_preemptions: int
+
+
+class RequestOutput(NamedTuple):
+    """The final result of a request, as `engine.generate()` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class EngineStats(NamedTuple):
+    """A snapshot of the engine's state, as `engine.stats()` returns it."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    """Blocks holding nothing reusable."""
+    kv_blocks_cached: int
+    """Unreferenced blocks whose content the prefix cache can still reuse (evicted LRU)."""
+    prefix_cache_queries: int
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_cache_hit_tokens: int
+    num_steps: int
+    num_preemptions: int
+    num_finished: int
+    attention_backend: str

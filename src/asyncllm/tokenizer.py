@@ -1,0 +1,69 @@
+"""Tokenizer loading and incremental detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from asyncllm.errors import ModelLoadError
+
+__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+
+
+class Tokenizer:
+    """A model's tokenizer: `encode`, `decode`, and per-request incremental detokenizers."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer  # slow import; only when a model is loaded
+
+        # Checked here: transformers builds an empty tokenizer when the files are missing.
+        if not (model_dir / "tokenizer.json").is_file():
+            raise ModelLoadError(f"{model_dir}: tokenizer.json is missing")
+        try:
+            self._hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as exc:  # transformers raises many types for broken tokenizer files
+            raise ModelLoadError(f"{model_dir}: cannot load the tokenizer: {exc}") from exc
+        if not getattr(self._hf, "is_fast", False):
+            raise ModelLoadError(f"{model_dir}: a fast tokenizer (tokenizer.json) is required")
+        self._backend: Any = self._hf.backend_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with the special tokens the model expects (e.g. BOS)."""
+        ids: list[int] = self._hf.encode(text)
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of `token_ids`, special tokens skipped."""
+        text: str = self._backend.decode(token_ids, skip_special_tokens=True)
+        return text
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, formatted by the model's chat template."""
+        ids: list[int] = self._hf.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return ids
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for one request's output."""
+        return IncrementalDetokenizer(self._backend)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces that never split a UTF-8 character.
+
+    Built on `tokenizers.decoders.DecodeStream`, which withholds bytes until they form whole
+    characters (byte-level and byte-fallback tokens alike). The pieces concatenate to the
+    full decode of the ids.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """The text that `token_id` completes ("" while a character is still partial)."""
+        piece: str | None = self._stream.step(self._backend, token_id)
+        return piece or ""

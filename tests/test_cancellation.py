@@ -1,0 +1,124 @@
+"""Every way a caller can stop reading aborts the request and gives its KV blocks back."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncllm import AsyncEngine, EngineStats, SamplingParams
+
+LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+
+def all_blocks_unused(stats: EngineStats) -> bool:
+    return stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total
+
+
+@pytest.fixture
+async def engine(random_model_dir: Path):  # type: ignore[no-untyped-def]
+    async with AsyncEngine.from_pretrained(str(random_model_dir), device="cpu",
+                                           num_kv_blocks=64) as engine:
+        yield engine
+
+
+async def wait_until_idle(engine: AsyncEngine) -> EngineStats:
+    """Let the engine loop observe what happened (abort frees blocks before its next step)."""
+    for _ in range(1000):
+        stats = engine.stats()
+        if stats.running == 0 and stats.waiting == 0:
+            return stats
+        await anyio.sleep(0.001)
+    raise AssertionError(f"engine did not go idle: {engine.stats()}")
+
+
+async def blocks_after_the_step_in_flight(engine: AsyncEngine, steps_at_abort: int) -> EngineStats:
+    """Stats as soon as the step that was running at the abort has completed: the aborted
+    request's blocks must already be back then, before any later step could start."""
+    for _ in range(5000):
+        stats = engine.stats()
+        if stats.num_steps > steps_at_abort or not engine._step_in_flight:
+            return stats
+        await anyio.sleep(0.0005)
+    raise AssertionError("the step in flight never finished")
+
+
+async def test_break_out_of_async_for_aborts_and_frees_blocks_before_the_next_step(
+    engine: AsyncEngine,
+) -> None:
+    received = 0
+    async for _ in engine.stream([1, 2, 3], LONG):
+        received += 1
+        if received == 3:
+            break
+    steps_at_abort = engine.stats().num_steps
+    stats = await blocks_after_the_step_in_flight(engine, steps_at_abort)
+    assert stats.running == 0 and stats.waiting == 0
+    assert all_blocks_unused(stats)
+
+
+async def test_aclose_aborts_and_ends_the_stream(engine: AsyncEngine) -> None:
+    stream = engine.stream([1, 2, 3], LONG)
+    await stream.__anext__()
+    await stream.aclose()
+    assert [t async for t in stream] == []
+    assert stream.output().finish_reason == "abort"
+    assert all_blocks_unused(await wait_until_idle(engine))
+
+
+async def test_leaving_async_with_aborts(engine: AsyncEngine) -> None:
+    async with engine.stream([4, 5, 6], LONG) as stream:
+        await stream.__anext__()
+    assert stream.output().finish_reason == "abort"
+    assert all_blocks_unused(await wait_until_idle(engine))
+
+
+async def test_cancelling_the_reading_task_aborts(engine: AsyncEngine) -> None:
+    first_token = anyio.Event()
+
+    async def reader() -> None:
+        async for _ in engine.stream([7, 8, 9], LONG):
+            first_token.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(reader)
+        await first_token.wait()
+        group.cancel_scope.cancel()
+    assert all_blocks_unused(await wait_until_idle(engine))
+
+
+async def test_dropping_an_unread_stream_aborts(engine: AsyncEngine) -> None:
+    stream = engine.stream([1, 1, 1], LONG)
+    del stream
+    gc.collect()
+    assert all_blocks_unused(await wait_until_idle(engine))
+
+
+async def test_aborting_twice_or_after_completion_is_harmless(engine: AsyncEngine) -> None:
+    stream = engine.stream([1, 2], SamplingParams(max_tokens=4))
+    async for _ in stream:
+        pass
+    assert stream.output().finish_reason == "length"
+    await stream.aclose()
+    await stream.aclose()
+    engine.abort(stream.request_id)
+    engine.abort("no-such-request")
+    assert stream.output().finish_reason == "length"
+    out = await engine.generate([3, 4], SamplingParams(max_tokens=4))
+    assert out.usage.completion_tokens == 4
+
+
+async def test_cancellations_among_many_requests_leak_nothing(engine: AsyncEngine) -> None:
+    async def reader(index: int) -> None:
+        async for token in engine.stream([index % 300 + 1] * (index % 40 + 1), LONG):
+            if token.index == index % 7:
+                break
+
+    async with anyio.create_task_group() as group:
+        for index in range(40):
+            group.start_soon(reader, index)
+    stats = await wait_until_idle(engine)
+    assert all_blocks_unused(stats)
+    assert engine._core.blocks.check_invariants([]) is None
