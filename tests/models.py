@@ -16,12 +16,24 @@ TINY_MODEL_DIR = DEFAULT_MODEL_DIR
 # Two shapes that differ in every way the parity tests care about.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     "gqa4-tied": dict(
-        vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
     ),
     "mha-untied": dict(
-        vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=3, head_dim=32, tie_word_embeddings=False,
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        head_dim=32,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -29,7 +41,7 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
 def byte_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A tokenizer covering ids [0, vocab_size): byte-level symbols, then filler tokens."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    symbols = sorted(alphabet)[: vocab_size]
+    symbols = sorted(alphabet)[:vocab_size]
     symbols += [f"<t{i}>" for i in range(len(symbols), vocab_size)]
     backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,8 +57,9 @@ def write_random_model(
     settings.update(overrides)
     # A wider init than transformers' default makes logits peaked, so greedy parity is not
     # decided by near-ties at the last bit.
-    config = Qwen3Config(max_position_embeddings=1024, initializer_range=0.08,
-                         eos_token_id=eos_token_id, **settings)
+    config = Qwen3Config(
+        max_position_embeddings=1024, initializer_range=0.08, eos_token_id=eos_token_id, **settings
+    )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).eval()
     model.save_pretrained(directory)
@@ -61,19 +74,25 @@ def load_reference(directory: Path) -> Qwen3ForCausalLM:
 
 
 @torch.inference_mode()
-def reference_greedy(model: Qwen3ForCausalLM, prompt: list[int], max_new_tokens: int,
-                     stop_at_eos: bool = True) -> list[int]:
+def reference_greedy(
+    model: Qwen3ForCausalLM, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = True
+) -> list[int]:
     """transformers' greedy continuation of `prompt` (the generated ids only)."""
     eos = model.generation_config.eos_token_id if stop_at_eos else None
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=eos, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
     )
-    return list(out[0, len(prompt):].tolist())
+    return list(out[0, len(prompt) :].tolist())
 
 
-def paged_greedy(runner: Any, prompts: list[list[int]], max_new_tokens: int,
-                 chunk: int | None = None) -> list[list[int]]:
+def paged_greedy(
+    runner: Any, prompts: list[list[int]], max_new_tokens: int, chunk: int | None = None
+) -> list[list[int]]:
     """Greedy decoding straight through a `ModelRunner`, with hand-made block tables.
 
     All prompts prefill together (in chunks of `chunk` tokens if given, mixed with the decodes
@@ -101,7 +120,9 @@ def paged_greedy(runner: Any, prompts: list[list[int]], max_new_tokens: int,
                 count = min(count, chunk)
             done = computed[i] + count == len(seq)
             spec = SampleSpec(greedy, 0, len(seq) - len(prompts[i])) if done else None
-            batch.append(SeqStep(seq[computed[i]:computed[i] + count], computed[i], tables[i], spec))
+            batch.append(
+                SeqStep(seq[computed[i] : computed[i] + count], computed[i], tables[i], spec)
+            )
             owners.append((i, count, done))
         order = sorted(range(len(batch)), key=lambda j: len(batch[j].token_ids) != 1)
         result = runner.execute([batch[j] for j in order])
@@ -111,4 +132,4 @@ def paged_greedy(runner: Any, prompts: list[list[int]], max_new_tokens: int,
             computed[i] += count
             if done:
                 seqs[i].append(next(sampled))
-    return [s[len(p):] for s, p in zip(seqs, prompts)]
+    return [s[len(p) :] for s, p in zip(seqs, prompts)]

@@ -19,8 +19,9 @@ def all_blocks_unused(stats: EngineStats) -> bool:
 
 @pytest.fixture
 async def engine(random_model_dir: Path):  # type: ignore[no-untyped-def]
-    async with AsyncEngine.from_pretrained(str(random_model_dir), device="cpu",
-                                           num_kv_blocks=64) as engine:
+    async with AsyncEngine.from_pretrained(
+        str(random_model_dir), device="cpu", num_kv_blocks=64
+    ) as engine:
         yield engine
 
 

@@ -121,8 +121,9 @@ def test_two_models_run_concurrent_forward_passes_without_crosstalk(tmp_path: Pa
     other's context or cache."""
     dirs = [tmp_path / "a", tmp_path / "b"]
     write_random_model(dirs[0], seed=10)
-    write_random_model(dirs[1], seed=11, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4)
+    write_random_model(
+        dirs[1], seed=11, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    )
     config = EngineConfig(device="cpu", num_kv_blocks=16, block_size=16)
     runners = [ModelRunner(d, ModelConfig.from_dir(d), config) for d in dirs]
     prompt = list(range(3, 40))
@@ -146,4 +147,4 @@ def test_two_models_run_concurrent_forward_passes_without_crosstalk(tmp_path: Pa
         t.start()
     for t in threads:
         t.join()
-    assert [seq[len(prompt):] for seq in tokens] == expected
+    assert [seq[len(prompt) :] for seq in tokens] == expected

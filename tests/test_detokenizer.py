@@ -14,9 +14,12 @@ from tests.models import TINY_MODEL_DIR, byte_level_tokenizer
 
 BYTE_LEVEL = byte_level_tokenizer(300).backend_tokenizer
 
+
 @functools.cache
 def tiny_tokenizer() -> Tokenizer:
-    backend: Tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TINY_MODEL_DIR)).backend_tokenizer
+    backend: Tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        str(TINY_MODEL_DIR)
+    ).backend_tokenizer
     return backend
 
 

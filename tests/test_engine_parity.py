@@ -21,20 +21,25 @@ def engine_for(model_dir: Path, **overrides: Any) -> AsyncEngine:
     return AsyncEngine.from_pretrained(str(model_dir), **settings)
 
 
-def prompts_of(lengths: list[int], vocab: int, seed: int, prefix: list[int] | None = None) -> list[list[int]]:
+def prompts_of(
+    lengths: list[int], vocab: int, seed: int, prefix: list[int] | None = None
+) -> list[list[int]]:
     rng = random.Random(seed)
     return [(prefix or []) + [rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-def expected(reference: Qwen3ForCausalLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def expected(
+    reference: Qwen3ForCausalLM, prompts: list[list[int]], max_tokens: int
+) -> list[list[int]]:
     return [reference_greedy(reference, p, max_tokens, stop_at_eos=False) for p in prompts]
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48)
 
 
-async def test_single_request_matches_transformers(random_model_dir: Path,
-                                                   random_reference: Qwen3ForCausalLM) -> None:
+async def test_single_request_matches_transformers(
+    random_model_dir: Path, random_reference: Qwen3ForCausalLM
+) -> None:
     [prompt] = prompts_of([19], 384, seed=0)
     async with engine_for(random_model_dir) as engine:
         out = await engine.generate(prompt, SamplingParams(temperature=0, max_tokens=64))
@@ -47,12 +52,17 @@ async def test_embedded_model_matches_transformers_and_stops_at_eos() -> None:
     reference = load_reference(TINY_MODEL_DIR)
     async with AsyncEngine.from_pretrained(None, device="cpu", dtype="float32") as engine:
         prompt = engine.tokenizer.encode("Once upon a time")
-        out = await engine.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=200))
+        out = await engine.generate(
+            "Once upon a time", SamplingParams(temperature=0, max_tokens=200)
+        )
     want = reference_greedy(reference, prompt, 200)
     assert out.token_ids == want
-    assert out.finish_reason == ("stop" if want[-1] in reference.generation_config.eos_token_id
-                                 or want[-1] == reference.generation_config.eos_token_id
-                                 else "length")
+    assert out.finish_reason == (
+        "stop"
+        if want[-1] in reference.generation_config.eos_token_id
+        or want[-1] == reference.generation_config.eos_token_id
+        else "length"
+    )
     assert out.text.strip()
 
 
@@ -108,8 +118,9 @@ async def test_preempted_requests_resume_with_identical_outputs(
 ) -> None:
     prompts = prompts_of([30, 45, 20, 38, 50, 25], 384, seed=5)
     # 14 blocks of 16 tokens cannot hold six ~90-token sequences at once.
-    async with engine_for(random_model_dir, num_kv_blocks=14, block_size=16,
-                          max_model_len=160) as engine:
+    async with engine_for(
+        random_model_dir, num_kv_blocks=14, block_size=16, max_model_len=160
+    ) as engine:
         outs = await engine.generate_many(prompts, GREEDY)
         stats = engine.stats()
     assert stats.num_preemptions > 0
@@ -124,9 +135,14 @@ async def test_everything_at_once_matches_transformers(
     """Shared prefixes, chunking and preemption in one crowded run."""
     shared = prompts_of([40], 384, seed=6)[0]
     prompts = prompts_of([3, 60, 11, 90, 25, 7, 33, 52], 384, seed=7, prefix=shared)
-    async with engine_for(random_model_dir, num_kv_blocks=30, block_size=16, max_model_len=200,
-                          max_num_batched_tokens=32,
-                          enable_prefix_caching=enable_prefix_caching) as engine:
+    async with engine_for(
+        random_model_dir,
+        num_kv_blocks=30,
+        block_size=16,
+        max_model_len=200,
+        max_num_batched_tokens=32,
+        enable_prefix_caching=enable_prefix_caching,
+    ) as engine:
         outs = await engine.generate_many(prompts, GREEDY)
         stats = engine.stats()
     assert stats.num_preemptions > 0

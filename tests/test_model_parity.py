@@ -19,8 +19,9 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def make_runner(model_dir: Path, block_size: int, num_blocks: int = 256) -> ModelRunner:
-    config = EngineConfig(device="cpu", dtype="float32", block_size=block_size,
-                          num_kv_blocks=num_blocks)
+    config = EngineConfig(
+        device="cpu", dtype="float32", block_size=block_size, num_kv_blocks=num_blocks
+    )
     return ModelRunner(model_dir, ModelConfig.from_dir(model_dir), config)
 
 

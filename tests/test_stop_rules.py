@@ -14,8 +14,9 @@ PROMPT = [11, 42, 7, 99, 3]
 
 @pytest.fixture
 async def engine(random_model_dir: Path):  # type: ignore[no-untyped-def]
-    async with AsyncEngine.from_pretrained(str(random_model_dir), device="cpu", dtype="float32",
-                                           num_kv_blocks=128) as engine:
+    async with AsyncEngine.from_pretrained(
+        str(random_model_dir), device="cpu", dtype="float32", num_kv_blocks=128
+    ) as engine:
         yield engine
 
 
@@ -28,8 +29,9 @@ async def free_run(engine: AsyncEngine, max_tokens: int = 40) -> list[int]:
 async def test_stop_token_ids_end_at_the_first_occurrence(engine: AsyncEngine) -> None:
     full = await free_run(engine)
     stop = full[6]
-    out = await engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40,
-                                                       stop_token_ids=[stop]))
+    out = await engine.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop])
+    )
     assert out.finish_reason == "stop"
     assert out.token_ids == full[: full.index(stop) + 1]
 
@@ -37,8 +39,9 @@ async def test_stop_token_ids_end_at_the_first_occurrence(engine: AsyncEngine) -
 async def test_min_tokens_holds_stop_tokens_back(engine: AsyncEngine) -> None:
     full = await free_run(engine)
     stop = full[1]
-    out = await engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, min_tokens=8,
-                                                       stop_token_ids=[stop]))
+    out = await engine.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=40, min_tokens=8, stop_token_ids=[stop])
+    )
     assert len(out.token_ids) >= 8
     assert stop not in out.token_ids[:8]
     assert out.finish_reason == "stop" or len(out.token_ids) == 40
@@ -48,7 +51,9 @@ async def test_stop_strings_truncate_the_text_and_are_not_returned(engine: Async
     full = await engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40))
     stop = full.text[12:15]
     cut = full.text.index(stop)
-    stream = engine.stream(PROMPT, SamplingParams(temperature=0, max_tokens=40, stop=[stop, "\x00never"]))
+    stream = engine.stream(
+        PROMPT, SamplingParams(temperature=0, max_tokens=40, stop=[stop, "\x00never"])
+    )
     pieces = [t.text async for t in stream]
     out = stream.output()
     assert out.finish_reason == "stop"
@@ -63,8 +68,9 @@ async def test_max_tokens_finishes_with_length(engine: AsyncEngine) -> None:
 
 
 async def test_max_model_len_caps_unbounded_requests(random_model_dir: Path) -> None:
-    async with AsyncEngine.from_pretrained(str(random_model_dir), device="cpu", num_kv_blocks=16,
-                                           max_model_len=40) as engine:
+    async with AsyncEngine.from_pretrained(
+        str(random_model_dir), device="cpu", num_kv_blocks=16, max_model_len=40
+    ) as engine:
         out = await engine.generate(PROMPT, SamplingParams(temperature=0))
     assert out.finish_reason == "length"
     assert len(PROMPT) + len(out.token_ids) == 40
@@ -73,17 +79,21 @@ async def test_max_model_len_caps_unbounded_requests(random_model_dir: Path) -> 
 async def test_eos_stops_and_ignore_eos_and_min_tokens_override_it() -> None:
     async with AsyncEngine.from_pretrained(None, device="cpu") as engine:
         eos = set(engine._core.model_config.eos_token_ids)
-        out = await engine.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=300))
+        out = await engine.generate(
+            "Once upon a time", SamplingParams(temperature=0, max_tokens=300)
+        )
         assert out.finish_reason == "stop" and out.token_ids[-1] in eos
         assert eos.isdisjoint(out.token_ids[:-1])
         ignored = await engine.generate(
-            "Once upon a time", SamplingParams(temperature=0, max_tokens=len(out.token_ids) + 5,
-                                               ignore_eos=True))
+            "Once upon a time",
+            SamplingParams(temperature=0, max_tokens=len(out.token_ids) + 5, ignore_eos=True),
+        )
         assert ignored.finish_reason == "length"
         assert ignored.token_ids[: len(out.token_ids)] == out.token_ids
         held = await engine.generate(
-            "Once upon a time", SamplingParams(temperature=0, max_tokens=400,
-                                               min_tokens=len(out.token_ids) + 3))
+            "Once upon a time",
+            SamplingParams(temperature=0, max_tokens=400, min_tokens=len(out.token_ids) + 3),
+        )
         assert eos.isdisjoint(held.token_ids[: len(out.token_ids) + 3])
 
 

@@ -27,11 +27,11 @@ from asyncllm.outputs import (
 from asyncllm.sampling import SamplingParams
 
 __all__ = [
+    "LLM",
     "AsyncEngine",
     "AsyncLLMError",
     "EngineConfig",
     "EngineStats",
-    "LLM",
     "RequestMetrics",
     "RequestOutput",
     "RequestStream",

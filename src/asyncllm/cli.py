@@ -30,8 +30,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 async def _generate(args: argparse.Namespace) -> None:
     engine = AsyncEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     async with engine:
         sys.stdout.write(args.prompt)
@@ -51,8 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_bench_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     if args.command == "generate":
         asyncio.run(_generate(args))
         return 0

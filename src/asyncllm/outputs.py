@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 __all__ = [
@@ -24,7 +25,8 @@ class TokenLogprobs(NamedTuple):
     top: tuple[tuple[int, float], ...]
 
 
-class StreamToken(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class StreamToken:
     """One generated token as `engine.stream()` yields it.
 
     `text` is the newly decoded text this token completes; it may be "" (half of a

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from asyncllm.errors import InvalidRequestError
 
@@ -49,11 +51,9 @@ class SamplingParams:
     """Return the log-probability of each sampled token and of the top-n alternatives."""
 
     def __post_init__(self) -> None:
-        # Accept any iterable of stop strings / ids from callers, store tuples (hashable, frozen).
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # Callers may pass one string or any iterable; store tuples (hashable, truly frozen).
+        object.__setattr__(self, "stop", _as_tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids))
         self._validate()
 
     def _validate(self) -> None:
@@ -88,16 +88,20 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def _as_tuple(value: object) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable):
+        return tuple(value)
+    raise InvalidRequestError(f"expected a sequence, got {value!r}")
+
+
 def _is_int(value: object, *, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _bad(message: str, value: object) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from asyncllm.errors import ModelLoadError
 
@@ -29,8 +29,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with the special tokens the model expects (e.g. BOS)."""
-        ids: list[int] = self._hf.encode(text)
-        return ids
+        return cast(list[int], self._hf.encode(text))
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
@@ -39,10 +38,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, formatted by the model's chat template."""
-        ids: list[int] = self._hf.apply_chat_template(
+        ids = self._hf.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        return ids
+        return cast(list[int], ids)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one request's output."""

@@ -27,14 +27,24 @@ def measure(
 ) -> dict[str, Any]:
     """Run the stub workload; returns per-step timings in milliseconds."""
     rng = random.Random(seed)
-    blocks = BlockManager(num_blocks=num_seqs * 200, block_size=block_size,
-                          enable_prefix_caching=True)
+    blocks = BlockManager(
+        num_blocks=num_seqs * 200, block_size=block_size, enable_prefix_caching=True
+    )
     scheduler = Scheduler(blocks, max_num_seqs=num_seqs, max_num_batched_tokens=1 << 30)
     params = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
     for index in range(num_seqs):
         prompt = [rng.randrange(50_000) for _ in range(rng.randint(100, 1024))]
-        scheduler.add(Request(f"r{index}", prompt, params, max_tokens=1 << 20, seed=index,
-                              eos_token_ids=frozenset(), detokenizer=None))
+        scheduler.add(
+            Request(
+                f"r{index}",
+                prompt,
+                params,
+                max_tokens=1 << 20,
+                seed=index,
+                eos_token_ids=frozenset(),
+                detokenizer=None,
+            )
+        )
     stub_tokens = [rng.randrange(50_000) for _ in range(num_seqs)]
     _one_step(scheduler, stub_tokens)  # admits and prefills everyone: not the steady state
     times_ms = []

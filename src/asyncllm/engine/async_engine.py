@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -287,11 +287,11 @@ class AsyncEngine:
             self._wakeup = anyio.Event()
             await self._wakeup.wait()
             return
+        runner = self._core.runner
+        assert runner is not None, "schedule() returned work before load()"
         self._step_in_flight = True
         try:
-            result = await anyio.to_thread.run_sync(
-                self._core.runner.run, prepared, limiter=self._worker  # type: ignore[union-attr]
-            )
+            result = await anyio.to_thread.run_sync(runner.run, prepared, limiter=self._worker)
         finally:
             self._step_in_flight = False
         for req in self._core.process(step, result):
@@ -351,7 +351,7 @@ def _call_soon_threadsafe(token: anyio.lowlevel.EventLoopToken, fn: Any, *args: 
         if hasattr(native, "call_soon_threadsafe"):  # asyncio (and uvloop)
             native.call_soon_threadsafe(fn, *args)
         else:  # trio
-            native.run_sync_soon(fn, *args)
+            cast(Any, native).run_sync_soon(fn, *args)
     except RuntimeError:
         pass  # the loop is closed: nothing left to abort
 

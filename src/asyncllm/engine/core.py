@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
@@ -20,7 +21,7 @@ from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, SeqSte
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
 from asyncllm.errors import ConfigError, InvalidRequestError, ModelLoadError, PromptTooLongError
 from asyncllm.model.config import ModelConfig
-from asyncllm.outputs import EngineStats
+from asyncllm.outputs import EngineStats, TokenLogprobs
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
@@ -88,7 +89,9 @@ class EngineCore:
         max_tokens = self._check_length(len(token_ids), params)
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
+            raise InvalidRequestError(
+                f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}"
+            )
         return Request(
             request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
             prompt_token_ids=token_ids,
@@ -99,7 +102,7 @@ class EngineCore:
             detokenizer=self.tokenizer.detokenizer(),
         )
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def _prompt_ids(self, prompt: object) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
@@ -108,7 +111,7 @@ class EngineCore:
             raise InvalidRequestError(
                 f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}"
             )
-        ids = list(prompt)
+        ids: list[object] = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty")
         vocab = self.model_config.vocab_size
@@ -117,7 +120,7 @@ class EngineCore:
                 raise InvalidRequestError(
                     f"prompt token {position} is {token!r}: token ids must be ints in [0, {vocab})"
                 )
-        return ids
+        return cast(list[int], ids)
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
         room = self.max_model_len - prompt_len
@@ -161,8 +164,9 @@ class EngineCore:
                 sample = SampleSpec(
                     req.params, req.seed, req.num_output_tokens, req.banned_token_ids()
                 )
-            seq_steps.append(SeqStep(req.token_ids[start : start + count], start,
-                                     req.block_ids, sample))
+            seq_steps.append(
+                SeqStep(req.token_ids[start : start + count], start, req.block_ids, sample)
+            )
         return seq_steps
 
     def process(self, step: ScheduledStep, result: StepResult) -> list[Request]:
@@ -172,25 +176,26 @@ class EngineCore:
         """
         now = time.monotonic()
         self.num_steps += 1
-        samples = iter(zip(result.token_ids, result.logprobs))
+        samplers = [req for i, req in enumerate(step.requests) if step.samples(i)]
         updated = []
-        for index, req in enumerate(step.requests):
-            if not step.samples(index):
-                continue
-            token_id, logprobs = next(samples)
-            if req.is_finished:
-                continue  # aborted while the step ran
-            req.append_token(token_id, logprobs, now)
-            if not req.is_finished and req.num_tokens >= self.max_model_len:
-                req.finish("length")
-            updated.append(req)
-            if req.is_finished:
-                self._release(req)
+        for req, token_id, logprobs in zip(samplers, result.token_ids, result.logprobs):
+            if not req.is_finished:  # else it was aborted while the step ran
+                self._append(req, token_id, logprobs, now)
+                updated.append(req)
         self.scheduler.after_step(step)
         for req in self._release_after_step:
             self._release(req)
         self._release_after_step.clear()
         return updated
+
+    def _append(
+        self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
+    ) -> None:
+        req.append_token(token_id, logprobs, now)
+        if req.num_tokens >= self.max_model_len:
+            req.finish("length")  # no-op when a stop rule already ended it
+        if req.is_finished:
+            self._release(req)
 
     def abort(self, req: Request, step_in_flight: bool) -> None:
         """End `req` now; its blocks are released at once, or right after the step in flight
@@ -236,7 +241,7 @@ class EngineCore:
         )
 
 
-def _check_params(params: SamplingParams | None) -> SamplingParams:
+def _check_params(params: object) -> SamplingParams:
     if params is None:
         return SamplingParams()
     if not isinstance(params, SamplingParams):

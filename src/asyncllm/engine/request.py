@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -119,8 +120,13 @@ class Request:
         else:
             logprobs = None
         self.outputs.append(
-            StreamToken(token_id, self._release_text(), self.num_output_tokens - 1, logprobs,
-                        self.finish_reason)
+            StreamToken(
+                token_id,
+                self._release_text(),
+                self.num_output_tokens - 1,
+                logprobs,
+                self.finish_reason,
+            )
         )
 
     def _stop_reason(self, token_id: int) -> FinishReason | None:
@@ -189,7 +195,7 @@ class Request:
             arrival_time=self.arrival_time,
             queue_time=started - self.arrival_time,
             ttft=times[0] - self.arrival_time if times else None,
-            itl=tuple(b - a for a, b in zip(times, times[1:])),
+            itl=tuple(b - a for a, b in itertools.pairwise(times)),
             e2e_latency=end - self.arrival_time,
             num_preemptions=self.num_preemptions,
         )

@@ -22,9 +22,9 @@ from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
-from asyncllm.outputs import TokenLogprobs
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.loader import load_model
+from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling import SamplingParams
 
 __all__ = ["ModelRunner", "PreparedStep", "SampleSpec", "SeqStep", "StepResult"]
@@ -84,7 +84,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = load_model(model_dir, model_config, self.device, self.dtype)
         self.attn_backend = create_attention_backend(
-            config.attention_backend, self.device, self.block_size, model_config.head_dim, self.dtype
+            config.attention_backend,
+            self.device,
+            self.block_size,
+            model_config.head_dim,
+            self.dtype,
         )
         self.sampler = Sampler()
         self.num_kv_blocks = self._allocate_kv_cache()
@@ -101,15 +105,23 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> int:
         num_blocks = self.config.num_kv_blocks or self._blocks_that_fit()
         cfg = self.model_config
-        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size,
-                 cfg.num_key_value_heads, cfg.head_dim)
+        shape = (
+            2,
+            cfg.num_hidden_layers,
+            num_blocks,
+            self.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for index, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, index], self.kv_cache[1, index]
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB)",
-            num_blocks, self.block_size, num_blocks * self.kv_block_bytes / 2**20,
+            num_blocks,
+            self.block_size,
+            num_blocks * self.kv_block_bytes / 2**20,
         )
         return num_blocks
 
@@ -168,9 +180,7 @@ class ModelRunner:
             tables[row, :n] = s.block_table[:n]
         slots = tables[seq_of_token, positions // bs] * bs + positions % bs
 
-        token_ids = np.fromiter(
-            (t for s in steps for t in s.token_ids), np.int64, num_tokens
-        )
+        token_ids = np.fromiter((t for s in steps for t in s.token_ids), np.int64, num_tokens)
         sampled_rows = [i for i, s in enumerate(steps) if s.sample is not None]
         logits_indices = cu_q[1:][sampled_rows] - 1
         num_decodes = int(np.argmax(q_lens != 1)) if (q_lens != 1).any() else len(steps)

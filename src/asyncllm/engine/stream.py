@@ -53,7 +53,9 @@ class RequestStream:
         while self._cursor >= len(req.outputs):
             if req.is_finished:
                 if req.error is not None:
-                    raise EngineError(f"request {req.request_id} failed: {req.error}") from req.error
+                    raise EngineError(
+                        f"request {req.request_id} failed: {req.error}"
+                    ) from req.error
                 raise StopAsyncIteration
             waiter = req.waiter = anyio.Event()
             try:

@@ -36,8 +36,9 @@ class LLM:
         _refuse_inside_loop("LLM()")
         self._engine = AsyncEngine.from_pretrained(model, **overrides)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="asyncllm-llm",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="asyncllm-llm", daemon=True
+        )
         self._thread.start()
         try:
             self._call(self._engine.start())

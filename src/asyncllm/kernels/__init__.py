@@ -58,7 +58,8 @@ def create_attention_backend(
         raise ConfigError("no attention backend can run this configuration")  # torch always can
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(
-            f"unknown attention_backend {name!r}; choose 'auto' or one of {sorted(ATTENTION_BACKENDS)}"
+            f"unknown attention_backend {name!r}; "
+            f"choose 'auto' or one of {sorted(ATTENTION_BACKENDS)}"
         )
     try:
         backend = _load(name)

@@ -62,7 +62,7 @@ class TorchAttention(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        num_tokens, num_heads, head_dim = q.shape
+        num_tokens, num_heads = q.shape[0], q.shape[1]
         group = num_heads // k.shape[1]
         keys = gather_padded_kv(k_cache, ctx.block_tables, ctx.max_seqlen_k)
         values = gather_padded_kv(v_cache, ctx.block_tables, ctx.max_seqlen_k)
@@ -90,5 +90,7 @@ class TorchAttention(AttentionBackend):
         ).transpose(1, 2)  # [B, max_q, Hq, D]
         result = out[q_valid].to(q.dtype)
         if result.shape[0] < num_tokens:  # trailing padding tokens (fixed-size batches)
-            result = torch.cat([result, result.new_zeros(num_tokens - result.shape[0], *result.shape[1:])])
+            result = torch.cat(
+                [result, result.new_zeros(num_tokens - result.shape[0], *result.shape[1:])]
+            )
         return result

@@ -24,8 +24,10 @@ class LMHead(nn.Module):
     ) -> None:
         super().__init__()
         # A tied head registers the embedding's own Parameter: one tensor, two names.
-        self.weight = tied_weight if tied_weight is not None else nn.Parameter(
-            torch.empty(vocab_size, hidden_size)
+        self.weight = (
+            tied_weight
+            if tied_weight is not None
+            else nn.Parameter(torch.empty(vocab_size, hidden_size))
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -35,4 +35,4 @@ class PackedLinear(nn.Linear):
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split a packed output back into its projections, in declaration order."""
-        return output.split(list(self.shard_sizes.values()), dim=-1)
+        return torch.split(output, list(self.shard_sizes.values()), dim=-1)

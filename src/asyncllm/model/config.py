@@ -35,6 +35,7 @@ class ModelConfig:
     def from_dir(cls, model_dir: Path) -> ModelConfig:
         """Read `model_dir`/config.json; raises `ModelLoadError` naming what is wrong."""
         raw = _read_json(model_dir / "config.json", required=True)
+        assert raw is not None  # required=True raises instead
         generation = _read_json(model_dir / "generation_config.json", required=False)
         return cls.from_dict(raw, generation, source=str(model_dir / "config.json"))
 
@@ -80,11 +81,20 @@ class ModelConfig:
         return config
 
     def _check(self, source: str) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
-                raise ModelLoadError(f"{source}: {name} must be positive, got {getattr(self, name)}")
+                raise ModelLoadError(
+                    f"{source}: {name} must be positive, got {getattr(self, name)}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple "

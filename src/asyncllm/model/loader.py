@@ -10,6 +10,7 @@ from torch import nn
 
 from asyncllm.errors import ModelLoadError
 from asyncllm.layers.linear import PackedLinear
+from asyncllm.model.base import CausalLM
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.registry import model_class
 
@@ -18,11 +19,11 @@ __all__ = ["load_model", "load_weights"]
 
 def load_model(
     model_dir: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
-) -> nn.Module:
+) -> CausalLM:
     """Instantiate the registered class for `config.architecture` and load its weights."""
     cls = model_class(config.architecture)
     with torch.device(device):
-        model = cls(config)  # type: ignore[call-arg]
+        model = cls(config)
     model.to(dtype=dtype)
     load_weights(model, model_dir)
     return model.eval().requires_grad_(False)
@@ -52,7 +53,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
             raise ModelLoadError(f"{file}: not a readable safetensors file: {exc}") from exc
     missing = sorted(set(targets) - loaded)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise ModelLoadError(f"{model_dir}: checkpoint is missing tensors: {shown}")
 
 
@@ -98,4 +101,3 @@ def _copy_tensor(targets: dict[str, _Target], name: str, tensor: torch.Tensor, f
             f"expected {tuple(destination.shape)}"
         )
     destination.copy_(tensor)
-

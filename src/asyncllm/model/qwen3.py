@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from asyncllm.layers.embedding import LMHead
 from asyncllm.layers.linear import PackedLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
+from asyncllm.model.base import CausalLM
 from asyncllm.model.config import ModelConfig
 
 __all__ = ["Qwen3ForCausalLM"]
@@ -24,7 +25,8 @@ class Qwen3Attention(nn.Module):
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
         self.qkv_proj = PackedLinear(
-            cfg.hidden_size, {"q": heads * dim, "k": kv_heads * dim, "v": kv_heads * dim},
+            cfg.hidden_size,
+            {"q": heads * dim, "k": kv_heads * dim, "v": kv_heads * dim},
             bias=cfg.attention_bias,
         )
         self.o_proj = nn.Linear(heads * dim, cfg.hidden_size, bias=cfg.attention_bias)
@@ -39,7 +41,8 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(k.reshape(-1, self.kv_heads, self.dim))
         q, k = self.rotary(q, k)
         out = self.attn(q, k, v.reshape(-1, self.kv_heads, self.dim))
-        return self.o_proj(out.flatten(1))
+        projected: torch.Tensor = self.o_proj(out.flatten(1))
+        return projected
 
 
 class Qwen3MLP(nn.Module):
@@ -51,7 +54,8 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        out: torch.Tensor = self.down_proj(self.act(self.gate_up_proj(x)))
+        return out
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -88,11 +92,12 @@ class Qwen3Model(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+        hidden: torch.Tensor
+        hidden, _ = self.norm(x, residual)
+        return hidden
 
 
-class Qwen3ForCausalLM(nn.Module):
+class Qwen3ForCausalLM(CausalLM):
     """Qwen3 with transformers' tensor names, except the packed qkv_proj and gate_up_proj."""
 
     # checkpoint projection name -> (packed module, shard)
@@ -105,10 +110,10 @@ class Qwen3ForCausalLM(nn.Module):
     }
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = Qwen3Model(cfg)
-        tied = self.model.embed_tokens.weight if cfg.tie_word_embeddings else None
+        embedding = cast(nn.Parameter, self.model.embed_tokens.weight)
+        tied = embedding if cfg.tie_word_embeddings else None
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, tied_weight=tied)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

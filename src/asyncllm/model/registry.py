@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from torch import nn
-
 from asyncllm.errors import UnsupportedArchitectureError
+from asyncllm.model.base import CausalLM
 
 __all__ = ["MODEL_REGISTRY", "model_class"]
 
@@ -15,13 +14,16 @@ MODEL_REGISTRY: dict[str, str] = {
 }
 
 
-def model_class(architecture: str) -> type[nn.Module]:
-    """The class implementing `architecture`; `UnsupportedArchitectureError` lists the known ones."""
+def model_class(architecture: str) -> type[CausalLM]:
+    """The class implementing `architecture`.
+
+    Raises `UnsupportedArchitectureError`, listing the supported names, for any other.
+    """
     target = MODEL_REGISTRY.get(architecture)
     if target is None:
         raise UnsupportedArchitectureError(
             f"architecture {architecture!r} is not supported; supported: {sorted(MODEL_REGISTRY)}"
         )
     module_name, _, class_name = target.partition(":")
-    cls: type[nn.Module] = getattr(importlib.import_module(module_name), class_name)
+    cls: type[CausalLM] = getattr(importlib.import_module(module_name), class_name)
     return cls
