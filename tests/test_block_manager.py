@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from asyncllm.engine.block_manager import BlockManager, chain_hash
 from asyncllm.engine.request import Request, RequestStatus
-from asyncllm.engine.scheduler import Scheduler
+from asyncllm.engine.scheduler import ScheduledStep, Scheduler
 from asyncllm.sampling import SamplingParams
 
 BLOCK = 4
 PARAMS = SamplingParams(max_tokens=1000)
 
 
-def request(name: str, tokens: list[int]) -> Request:
+def request(name: str, tokens: list[int], max_tokens: int = 1000) -> Request:
     return Request(
-        name, tokens, PARAMS, max_tokens=1000, seed=0, eos_token_ids=frozenset(), detokenizer=None
+        name, tokens, PARAMS, max_tokens, seed=0, eos_token_ids=frozenset(), detokenizer=None
     )
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random admissions, steps, aborts and finishes over a small pool with prefix sharing."""
+    """Random admissions, overlapped steps (up to two in flight), aborts and finishes over a
+    small pool with prefix sharing. Removal of a request waits, as in the engine, until no
+    step in flight includes it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.blocks = BlockManager(num_blocks=24, block_size=BLOCK, enable_prefix_caching=True)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=5, max_num_batched_tokens=10)
         self.live: list[Request] = []
+        self.in_flight: deque[ScheduledStep] = deque()
+        self.next_step = 0
+        self.doomed: list[Request] = []  # aborted, waiting for their steps to complete
         self.count = 0
 
     @rule(
@@ -37,41 +44,64 @@ class SchedulerMachine(RuleBasedStateMachine):
     )
     def add(self, prefix: list[int], tail: list[int]) -> None:
         # Never more than the pool can hold alone (the engine rejects that at submission).
-        tokens = (prefix + tail)[: BLOCK * 12]
-        req = request(f"r{self.count}", tokens)
+        tokens = (prefix + tail)[: BLOCK * 8]
+        req = request(f"r{self.count}", tokens, max_tokens=BLOCK * 12 - len(tokens))
         self.count += 1
         self.live.append(req)
         self.scheduler.add(req)
 
-    @rule(tokens=st.lists(st.integers(0, 5), min_size=8, max_size=8))
-    def step(self, tokens: list[int]) -> None:
-        step = self.scheduler.schedule()
+    @precondition(lambda self: len(self.in_flight) < 2)
+    @rule()
+    def launch(self) -> None:
+        step = self.scheduler.schedule(self.next_step)
+        self.next_step += 1
         assert sum(step.num_tokens) <= self.scheduler.max_num_batched_tokens
         assert len(self.scheduler.running) <= self.scheduler.max_num_seqs
-        for index, req in enumerate(step.requests):
-            assert req.num_computed_tokens <= req.num_tokens
+        for req, count in zip(step.requests, step.num_tokens):
+            assert not req.is_finished
+            assert req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens
             assert len(req.block_ids) * BLOCK >= req.num_computed_tokens
-            if step.samples(index) and req.num_tokens < BLOCK * 12:
-                req.token_ids.append(tokens[index % len(tokens)])
+            assert count >= 1
+        if step.requests:
+            self.in_flight.append(step)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(token=st.integers(0, 5))
+    def complete(self, token: int) -> None:
+        step = self.in_flight.popleft()
+        for req, samples in zip(step.requests, step.samples):
+            if samples:
+                req.num_pending_tokens -= 1
+                assert req.num_pending_tokens >= 0
+                if not req.is_finished:
+                    req.append_token(token, None, 0.0)
         self.scheduler.after_step(step)
+        self._reap()
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
         req = data.draw(st.sampled_from(self.live))
         self.live.remove(req)
-        self.scheduler.remove(req)
-        req.status = RequestStatus.RELEASED
+        req.finish("abort")
+        self.doomed.append(req)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Finished requests leave once no step in flight includes them."""
+        busy = {id(r) for step in self.in_flight for r in step.requests}
+        for req in [r for r in self.live if r.is_finished]:
+            self.live.remove(req)
+            self.doomed.append(req)
+        for req in list(self.doomed):
+            if id(req) not in busy:
+                self.doomed.remove(req)
+                self.scheduler.remove(req)
+                req.status = RequestStatus.RELEASED
 
     @invariant()
     def blocks_are_consistent(self) -> None:
-        self.blocks.check_invariants(self.live)
-        assert (
-            self.blocks.num_free_blocks
-            + self.blocks.num_cached_blocks
-            + sum(len(r.block_ids) for r in self.live)
-            >= self.blocks.num_blocks
-        )  # shared blocks are counted once per holder
+        self.blocks.check_invariants(self.live + self.doomed)
 
     @invariant()
     def registered_content_matches_every_holder(self) -> None:
@@ -91,7 +121,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             set(map(id, self.scheduler.waiting)),
         )
         assert not running & waiting
-        assert running | waiting == set(map(id, self.live))
+        assert running | waiting == set(map(id, self.live + self.doomed))
+
+    def teardown(self) -> None:
+        # Drain: everything eventually finishes and every block comes back.
+        for req in self.live:
+            req.finish("abort")
+        self.doomed += self.live
+        self.live = []
+        self.in_flight.clear()
+        self._reap()
+        assert self.blocks.num_free_blocks + self.blocks.num_cached_blocks == self.blocks.num_blocks
 
 
 TestScheduler = SchedulerMachine.TestCase

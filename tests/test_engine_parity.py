@@ -56,24 +56,22 @@ async def test_embedded_model_matches_transformers_and_stops_at_eos() -> None:
             "Once upon a time", SamplingParams(temperature=0, max_tokens=200)
         )
     want = reference_greedy(reference, prompt, 200)
+    eos = reference.generation_config.eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos)
     assert out.token_ids == want
-    assert out.finish_reason == (
-        "stop"
-        if want[-1] in reference.generation_config.eos_token_id
-        or want[-1] == reference.generation_config.eos_token_id
-        else "length"
-    )
+    assert out.finish_reason == ("stop" if want[-1] in eos_ids else "length")
     assert out.text.strip()
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 async def test_crowded_batch_with_random_arrivals_matches_transformers(
-    random_model_dir: Path, random_reference: Qwen3ForCausalLM
+    random_model_dir: Path, random_reference: Qwen3ForCausalLM, overlap: bool
 ) -> None:
     rng = random.Random(1)
     prompts = prompts_of([rng.randint(1, 90) for _ in range(36)], 384, seed=1)
     delays = [rng.uniform(0, 0.05) for _ in prompts]
     outputs: list[list[int] | None] = [None] * len(prompts)
-    async with engine_for(random_model_dir, max_num_seqs=16) as engine:
+    async with engine_for(random_model_dir, max_num_seqs=16, overlap_scheduling=overlap) as engine:
 
         async def client(index: int) -> None:
             await anyio.sleep(delays[index])  # arrival time, not synchronisation
@@ -128,11 +126,17 @@ async def test_preempted_requests_resume_with_identical_outputs(
     assert [o.token_ids for o in outs] == expected(random_reference, prompts, 48)
 
 
-@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+@pytest.mark.parametrize(
+    ("enable_prefix_caching", "overlap"), [(True, False), (False, False), (True, True)]
+)
 async def test_everything_at_once_matches_transformers(
-    random_model_dir: Path, random_reference: Qwen3ForCausalLM, enable_prefix_caching: bool
+    random_model_dir: Path,
+    random_reference: Qwen3ForCausalLM,
+    enable_prefix_caching: bool,
+    overlap: bool,
 ) -> None:
-    """Shared prefixes, chunking and preemption in one crowded run."""
+    """Shared prefixes, chunking and preemption in one crowded run (overlapped scheduling:
+    step N+1 is scheduled before step N's tokens are known)."""
     shared = prompts_of([40], 384, seed=6)[0]
     prompts = prompts_of([3, 60, 11, 90, 25, 7, 33, 52], 384, seed=7, prefix=shared)
     async with engine_for(
@@ -142,6 +146,7 @@ async def test_everything_at_once_matches_transformers(
         max_model_len=200,
         max_num_batched_tokens=32,
         enable_prefix_caching=enable_prefix_caching,
+        overlap_scheduling=overlap,
     ) as engine:
         outs = await engine.generate_many(prompts, GREEDY)
         stats = engine.stats()

@@ -92,6 +92,5 @@ def test_cli_generate_with_the_embedded_model() -> None:
         timeout=120,
         check=True,
     )
-    words = done.stdout.split()
-    assert words[:4] == ["Once", "upon", "a", "time"]
-    assert len(words) > 8
+    assert done.stdout.startswith("Once upon a time")
+    assert len(done.stdout.split()) > 12  # the embedded model tells a story

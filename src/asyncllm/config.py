@@ -59,6 +59,8 @@ class EngineConfig:
     """"auto", "torch", "triton" or "flash_attn"."""
     enforce_eager: bool = False
     """Disable CUDA graphs (they are never used on CPU)."""
+    overlap_scheduling: bool | None = None
+    """Schedule step N+1 while the device runs step N; None: on for CUDA, off for CPU."""
     seed: int = 0
     """Seed of the engine's sampling; requests without their own seed draw one from it."""
 
@@ -97,6 +99,13 @@ class EngineConfig:
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise ConfigError(f"unknown EngineConfig field {key!r}{extra}")
         return dataclasses.replace(self, **overrides)
+
+    def pipeline_depth(self, device: torch.device) -> int:
+        """Steps in flight at once: 2 with overlapped scheduling, else 1."""
+        overlap = self.overlap_scheduling
+        if overlap is None:
+            overlap = device.type == "cuda"
+        return 2 if overlap else 1
 
     def torch_device(self) -> torch.device:
         """The device this config resolves to ("auto" picks CUDA when it is available)."""

@@ -61,8 +61,19 @@ class IncrementalDetokenizer:
 
         self._backend = backend
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._emitted: list[str] = []
 
     def push(self, token_id: int) -> str:
         """The text that `token_id` completes ("" while a character is still partial)."""
         piece: str | None = self._stream.step(self._backend, token_id)
+        if piece:
+            self._emitted.append(piece)
         return piece or ""
+
+    def flush(self, token_ids: list[int]) -> str:
+        """At the end of the stream: what a full decode of `token_ids` (every id pushed so
+        far) has beyond the pieces already returned, e.g. the replacement character of a
+        byte sequence cut short."""
+        full: str = self._backend.decode(token_ids, skip_special_tokens=True)
+        emitted = "".join(self._emitted)
+        return full[len(emitted) :] if full.startswith(emitted) else ""

@@ -65,10 +65,11 @@ def measure(
 
 def _one_step(scheduler: Scheduler, stub_tokens: list[int]) -> None:
     """Schedule, let the stub model "sample" a token per request, append, register."""
-    step = scheduler.schedule()
+    step = scheduler.schedule(0)
     now = time.monotonic()
-    for index, req in enumerate(step.requests):
-        if step.samples(index):
+    for index, (req, samples) in enumerate(zip(step.requests, step.samples)):
+        if samples:
+            req.num_pending_tokens -= 1
             req.append_token(stub_tokens[index], None, now)
     scheduler.after_step(step)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -14,6 +15,8 @@ import anyio.lowlevel
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore, Prompt
 from asyncllm.engine.request import Request
+from asyncllm.engine.runner import LaunchedStep
+from asyncllm.engine.scheduler import ScheduledStep
 from asyncllm.engine.stream import RequestStream
 from asyncllm.errors import (
     BlockingCallError,
@@ -29,6 +32,8 @@ from asyncllm.sampling import SamplingParams
 __all__ = ["AsyncEngine"]
 
 logger = logging.getLogger("asyncllm")
+
+T = TypeVar("T")
 
 
 class AsyncEngine:
@@ -57,7 +62,6 @@ class AsyncEngine:
         self._loop_done = anyio.Event()
         self._loop_task: Any = None  # keeps the asyncio task referenced while it runs
         self._wakeup = anyio.Event()
-        self._step_in_flight = False
         self._worker = anyio.CapacityLimiter(1)
 
     @classmethod
@@ -232,7 +236,7 @@ class AsyncEngine:
         if req is None or req.is_finished:
             return
         if self._state in ("running", "dead"):
-            self._core.abort(req, self._step_in_flight)
+            self._core.abort(req)
         self._notify(req)
 
     def abort_threadsafe(self, request_id: str) -> None:
@@ -268,36 +272,42 @@ class AsyncEngine:
     async def _run(self, scope: anyio.CancelScope) -> None:
         try:
             with scope:
-                while True:
-                    if not self._core.has_work():
-                        self._wakeup = anyio.Event()
-                        await self._wakeup.wait()
-                        continue
-                    await self._step()
+                await self._serve()
         except Exception as exc:
             self._die(exc)
         finally:
             self._loop_done.set()
 
-    async def _step(self) -> None:
-        step, prepared = self._core.schedule()
-        if prepared is None:
-            # Nothing fits right now (cannot happen with validated requests); wait for change.
-            logger.error("scheduler produced an empty step with work pending")
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
-            return
+    async def _serve(self) -> None:
+        """Keep up to `pipeline_depth` steps in flight: while the device runs step N, this
+        loop processes N-1's tokens and schedules and prepares N+1."""
         runner = self._core.runner
-        assert runner is not None, "schedule() returned work before load()"
-        self._step_in_flight = True
-        try:
-            result = await anyio.to_thread.run_sync(runner.run, prepared, limiter=self._worker)
-        finally:
-            self._step_in_flight = False
-        for req in self._core.process(step, result):
-            self._notify(req)
-            if req.is_finished:
-                self._requests.pop(req.request_id, None)
+        assert runner is not None
+        depth = self.config.pipeline_depth(runner.device)
+        in_flight: deque[tuple[ScheduledStep, LaunchedStep]] = deque()
+        while True:
+            scheduled = self._core.schedule() if len(in_flight) < depth else None
+            if scheduled is not None:
+                step, prepared = scheduled
+                previous = in_flight[-1][1] if in_flight else None
+                launched = await self._on_worker(runner.launch, prepared, previous)
+                in_flight.append((step, launched))
+            elif in_flight:
+                step, launched = in_flight.popleft()
+                result = await self._on_worker(runner.collect, launched)
+                for req in self._core.process(step, result):
+                    self._notify(req)
+                    if req.is_finished:
+                        self._requests.pop(req.request_id, None)
+            else:
+                if self._core.has_work():
+                    logger.error("work is pending but nothing can be scheduled")
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+
+    async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        # One worker thread at a time: model work is serial, and the loop stays free.
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._worker)
 
     def _die(self, exc: BaseException) -> None:
         logger.error("engine step failed; failing all requests", exc_info=exc)

@@ -180,7 +180,9 @@ class BlockManager:
         """Make `req`'s blocks that are now full of computed tokens findable by later requests."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        # Tokens drawn by launched steps are computed-to-be but not known yet: not hashable.
+        known = min(req.num_computed_tokens, req.num_tokens)
+        num_full = min(known // self.block_size, len(req.block_ids))
         if num_full <= req.num_registered_blocks:
             return
         hashes = self._hashes(req, num_full)

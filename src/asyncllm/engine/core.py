@@ -19,7 +19,7 @@ from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, SeqStep, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
-from asyncllm.errors import ConfigError, InvalidRequestError, ModelLoadError, PromptTooLongError
+from asyncllm.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
 from asyncllm.model.config import ModelConfig
 from asyncllm.outputs import EngineStats, TokenLogprobs
 from asyncllm.sampling import SamplingParams
@@ -49,7 +49,10 @@ class EngineCore:
         self.runner: ModelRunner | None = None
         self.num_steps = 0
         self.num_finished = 0
-        self._release_after_step: list[Request] = []
+        self._next_step_id = 0
+        self._processed_step_id = -1
+        self._deferred: list[Request] = []
+        """Finished requests whose blocks a launched step may still write to."""
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -57,26 +60,13 @@ class EngineCore:
         """Load the weights, allocate the KV pool, and size `max_model_len` (slow: run it off
         the event loop)."""
         self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
-        num_blocks, block_size = self.runner.num_kv_blocks, self.config.block_size
-        self.max_model_len = self._resolve_max_model_len(num_blocks * block_size)
-        self.blocks = BlockManager(num_blocks, block_size, self.config.enable_prefix_caching)
+        self.max_model_len = self.runner.max_model_len
+        self.blocks = BlockManager(
+            self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens
         )
-
-    def _resolve_max_model_len(self, pool_tokens: int) -> int:
-        model_limit = self.model_config.max_position_embeddings
-        asked = self.config.max_model_len
-        if asked is None:
-            return min(model_limit, pool_tokens)
-        if asked > model_limit:
-            raise ConfigError(f"max_model_len {asked} exceeds the model's limit {model_limit}")
-        if asked > pool_tokens:
-            raise ConfigError(
-                f"max_model_len {asked} does not fit the KV pool ({pool_tokens} tokens); "
-                "raise num_kv_blocks / memory or lower max_model_len"
-            )
-        return asked
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -147,26 +137,29 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def schedule(self) -> tuple[ScheduledStep, PreparedStep | None]:
-        """Choose the next step and turn it into device inputs (None when there is no work)."""
+    def schedule(self) -> tuple[ScheduledStep, PreparedStep] | None:
+        """Choose the next step and turn it into device inputs (None when nothing can run)."""
         assert self.runner is not None, "schedule() before load()"
-        step = self.scheduler.schedule()
+        step = self.scheduler.schedule(self._next_step_id)
         if not step.requests:
-            return step, None
+            return None
+        self._next_step_id += 1
         return step, self.runner.prepare(self._seq_steps(step))
 
     def _seq_steps(self, step: ScheduledStep) -> list[SeqStep]:
-        seq_steps = []
-        for index, (req, count) in enumerate(zip(step.requests, step.num_tokens)):
+        seq_steps, row = [], 0
+        for req, count, samples in zip(step.requests, step.num_tokens, step.samples):
             start = req.num_computed_tokens - count
+            tokens = req.token_ids[start : start + count]
+            # A token drawn by the step before is not here yet: the runner takes it from the
+            # device, from that step's row for this request.
+            pending_row = req.sample_row if len(tokens) < count else None
             sample = None
-            if step.samples(index):
-                sample = SampleSpec(
-                    req.params, req.seed, req.num_output_tokens, req.banned_token_ids()
-                )
-            seq_steps.append(
-                SeqStep(req.token_ids[start : start + count], start, req.block_ids, sample)
-            )
+            if samples:
+                drawn = req.num_output_tokens + req.num_pending_tokens - 1  # this draw's index
+                sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
+                req.sample_row, row = row, row + 1
+            seq_steps.append(SeqStep(tokens, start, req.block_ids, sample, pending_row))
         return seq_steps
 
     def process(self, step: ScheduledStep, result: StepResult) -> list[Request]:
@@ -176,16 +169,16 @@ class EngineCore:
         """
         now = time.monotonic()
         self.num_steps += 1
-        samplers = [req for i, req in enumerate(step.requests) if step.samples(i)]
+        self._processed_step_id = step.step_id
+        samplers = [req for req, samples in zip(step.requests, step.samples) if samples]
         updated = []
         for req, token_id, logprobs in zip(samplers, result.token_ids, result.logprobs):
-            if not req.is_finished:  # else it was aborted while the step ran
+            req.num_pending_tokens -= 1
+            if not req.is_finished:  # else it was aborted or stopped while the step ran
                 self._append(req, token_id, logprobs, now)
                 updated.append(req)
         self.scheduler.after_step(step)
-        for req in self._release_after_step:
-            self._release(req)
-        self._release_after_step.clear()
+        self._release_deferred()
         return updated
 
     def _append(
@@ -195,18 +188,30 @@ class EngineCore:
         if req.num_tokens >= self.max_model_len:
             req.finish("length")  # no-op when a stop rule already ended it
         if req.is_finished:
-            self._release(req)
+            self._release_when_idle(req)
 
-    def abort(self, req: Request, step_in_flight: bool) -> None:
-        """End `req` now; its blocks are released at once, or right after the step in flight
-        (which may still be writing to them)."""
-        if req.is_finished:
-            return
-        req.finish("abort")
-        if step_in_flight and req.status is RequestStatus.RUNNING:
-            self._release_after_step.append(req)
+    def abort(self, req: Request) -> None:
+        """End `req` now; its blocks go back at once, or as soon as no launched step can
+        still write to them."""
+        if not req.is_finished:
+            req.finish("abort")
+            self._release_when_idle(req)
+
+    def _release_when_idle(self, req: Request) -> None:
+        in_flight = req.last_step_id > self._processed_step_id
+        if in_flight and req.status is RequestStatus.RUNNING:
+            self._deferred.append(req)
         else:
             self._release(req)
+
+    def _release_deferred(self) -> None:
+        still_busy = []
+        for req in self._deferred:
+            if req.last_step_id > self._processed_step_id:
+                still_busy.append(req)
+            else:
+                self._release(req)
+        self._deferred = still_busy
 
     def _release(self, req: Request) -> None:
         if req.status is RequestStatus.RELEASED:

@@ -59,6 +59,12 @@ class Request:
     """Leading blocks of block_ids already offered to the prefix cache."""
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    num_pending_tokens: int = 0
+    """Tokens drawn by launched steps but not appended yet (overlapped execution)."""
+    last_step_id: int = -1
+    """The latest step that computes any of this request's tokens."""
+    sample_row: int = -1
+    """This request's row among the sampled tokens of step `last_step_id`."""
 
     outputs: list[StreamToken] = field(default_factory=list)
     text: str = ""
@@ -71,6 +77,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     waiter: Any = None
     """The event a reader waits on for new outputs (set by the engine, then dropped)."""
+    _stopped_by_string: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -95,9 +102,10 @@ class Request:
         held until the step that computes it completes)."""
         return self.finish_reason is not None
 
-    def banned_token_ids(self) -> tuple[int, ...]:
-        """Ids the sampler must not draw now: stop tokens while under min_tokens."""
-        if self.num_output_tokens >= self.params.min_tokens:
+    def banned_token_ids(self, num_generated: int) -> tuple[int, ...]:
+        """Ids the sampler must not draw as output number `num_generated`: stop tokens while
+        under min_tokens."""
+        if num_generated >= self.params.min_tokens:
             return ()
         banned = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
@@ -115,6 +123,8 @@ class Request:
         reason = self._stop_reason(token_id)
         if reason is not None:
             self.finish_reason = reason
+            if self.detokenizer is not None and not self._stopped_by_string:
+                self.text += self.detokenizer.flush(self.token_ids[self.num_prompt_tokens :])
         if self.params.logprobs is not None and logprobs is not None:
             logprobs = TokenLogprobs(logprobs.logprob, logprobs.top[: self.params.logprobs])
         else:
@@ -136,6 +146,7 @@ class Request:
             if not self.params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
             if self.params.stop and self._truncate_at_stop_string():
+                self._stopped_by_string = True
                 return "stop"
         if self.num_output_tokens >= self.max_tokens:
             return "length"

@@ -1,61 +1,39 @@
-"""The model runner: owns the model, the KV pool and the sampler; runs one step at a time.
+"""The model runner: owns the model, the KV pool, the sampler and (on CUDA) a stream.
 
-A step comes in as a list of `SeqStep`s (what each sequence computes now) and goes out as a
-`StepResult` (one sampled token per sequence that asked for one). The runner turns the steps
-into tensors, binds the `ForwardContext`, runs the model, and samples.
+A step goes in as `SeqStep`s, is turned into device tensors by `prepare`, is enqueued by
+`launch` (CUDA-graph replay for decode steps) and read back by `collect`. On CUDA every
+kernel runs on the runner's own stream, and `collect` waits on an event, so the thread that
+schedules the next step never blocks on the GPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from asyncllm.config import EngineConfig
-from asyncllm.context import ForwardContext, forward_context
+from asyncllm.context import forward_context
+from asyncllm.engine.cuda_graphs import DecodeGraphs
+from asyncllm.engine.inputs import PreparedStep, SampleSpec, SeqStep, prepare_step
 from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
 from asyncllm.layers.attention import PagedAttention
-from asyncllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from asyncllm.layers.sampler import Sampler, SamplerOutput
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.loader import load_model
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["ModelRunner", "PreparedStep", "SampleSpec", "SeqStep", "StepResult"]
+__all__ = ["LaunchedStep", "ModelRunner", "PreparedStep", "SampleSpec", "SeqStep", "StepResult"]
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
-
-
-class SampleSpec(NamedTuple):
-    """How to draw the next token of a sequence this step."""
-
-    params: SamplingParams
-    seed: int
-    offset: int
-    """Index of the token being drawn among the request's outputs (keys the random stream)."""
-    banned_token_ids: tuple[int, ...] = ()
-    """Token ids that must not be drawn now (EOS and stop ids while under min_tokens)."""
-
-
-class SeqStep(NamedTuple):
-    """What one sequence computes in a step."""
-
-    token_ids: Sequence[int]
-    """The new tokens whose K/V this step computes and writes."""
-    start: int
-    """Position of token_ids[0]; positions [0, start) are already in the cache."""
-    block_table: Sequence[int]
-    """Physical KV blocks of the sequence, covering at least start + len(token_ids) tokens."""
-    sample: SampleSpec | None
-    """None for a prefill chunk that does not reach the end of the known tokens."""
 
 
 class StepResult(NamedTuple):
@@ -65,12 +43,14 @@ class StepResult(NamedTuple):
     logprobs: list[TokenLogprobs | None]
 
 
-class PreparedStep(NamedTuple):
-    """A step's inputs on the model's device, ready for `ModelRunner.run`."""
+class LaunchedStep(NamedTuple):
+    """A step enqueued on the device; `collect` reads it back."""
 
-    ctx: ForwardContext
-    input_ids: torch.Tensor
-    sampling: SamplingTensors
+    token_ids: torch.Tensor
+    """Drawn tokens, on the device: the next step's pending inputs come from here."""
+    host: SamplerOutput
+    """Host copies of the sampler's output (complete once `done` has fired)."""
+    done: torch.cuda.Event | None
 
 
 class ModelRunner:
@@ -82,16 +62,32 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         self.block_size = config.block_size
-        self.model = load_model(model_dir, model_config, self.device, self.dtype)
-        self.attn_backend = create_attention_backend(
-            config.attention_backend,
-            self.device,
-            self.block_size,
-            model_config.head_dim,
-            self.dtype,
-        )
-        self.sampler = Sampler()
-        self.num_kv_blocks = self._allocate_kv_cache()
+        cuda = self.device.type == "cuda"
+        self.stream = _new_stream(self.device) if cuda else None
+        with self.on_stream():
+            self.model = load_model(model_dir, model_config, self.device, self.dtype)
+            self.attn_backend = create_attention_backend(
+                config.attention_backend,
+                self.device,
+                self.block_size,
+                model_config.head_dim,
+                self.dtype,
+            )
+            self.sampler = Sampler()
+            self.num_kv_blocks = self._allocate_kv_cache()
+            self.max_model_len = self._resolve_max_model_len()
+            self.graphs: DecodeGraphs | None = None
+            if cuda and not config.enforce_eager and self.attn_backend.supports_cuda_graphs:
+                self.graphs = DecodeGraphs(self, config.max_num_seqs)
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Make the runner's CUDA stream current in this thread (no-op on CPU)."""
+        if self.stream is None:
+            yield
+        else:
+            with torch.cuda.stream(self.stream):
+                yield
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -102,36 +98,31 @@ class ModelRunner:
         per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
         return per_token * self.block_size * self.dtype.itemsize
 
-    def _allocate_kv_cache(self) -> int:
-        num_blocks = self.config.num_kv_blocks or self._blocks_that_fit()
+    def _bind_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
-        shape = (
-            2,
-            cfg.num_hidden_layers,
-            num_blocks,
-            self.block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size,
+                 cfg.num_key_value_heads, cfg.head_dim)  # fmt: skip
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for index, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, index], self.kv_cache[1, index]
+
+    def _allocate_kv_cache(self) -> int:
+        num_blocks = self.config.num_kv_blocks or self._blocks_that_fit()
+        self._bind_kv_cache(num_blocks)
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB)",
-            num_blocks,
-            self.block_size,
-            num_blocks * self.kv_block_bytes / 2**20,
-        )
+            num_blocks, self.block_size, num_blocks * self.kv_block_bytes / 2**20,
+        )  # fmt: skip
         return num_blocks
 
     def _blocks_that_fit(self) -> int:
         if self.config.kv_cache_bytes is not None:
             budget = self.config.kv_cache_bytes
         elif self.device.type == "cuda":
+            activations = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
-            used_elsewhere = total - free
-            budget = int(total * self.config.gpu_memory_utilization) - used_elsewhere
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
         else:
             budget = _DEFAULT_CPU_KV_BYTES
         blocks = budget // self.kv_block_bytes
@@ -142,89 +133,105 @@ class ModelRunner:
             )
         return int(blocks)
 
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of the largest step the engine can schedule (on a throw-away cache)."""
+        num_seqs = self.config.max_num_seqs
+        num_tokens = max(self.config.max_num_batched_tokens, num_seqs)
+        lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        tables, next_block = [], 0
+        for length in lengths:
+            count = -(-length // self.block_size)
+            tables.append(list(range(next_block, next_block + count)))
+            next_block += count
+        self._bind_kv_cache(next_block)
+        worst = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, logprobs=20)
+        steps = [SeqStep([0] * n, 0, t, SampleSpec(worst, 0, 0)) for n, t in zip(lengths, tables)]
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.run(self.prepare(steps))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del self.kv_cache
+        torch.cuda.empty_cache()
+        logger.info("profiled step of %d tokens: %.1f MiB of activations", num_tokens, peak / 2**20)
+        return int(peak)
+
+    def _resolve_max_model_len(self) -> int:
+        model_limit = self.model_config.max_position_embeddings
+        pool_tokens = self.num_kv_blocks * self.block_size
+        asked = self.config.max_model_len
+        if asked is None:
+            return min(model_limit, pool_tokens)
+        if asked > model_limit:
+            raise ConfigError(f"max_model_len {asked} exceeds the model's limit {model_limit}")
+        if asked > pool_tokens:
+            raise ConfigError(
+                f"max_model_len {asked} does not fit the KV pool ({pool_tokens} tokens); "
+                "raise num_kv_blocks / memory or lower max_model_len"
+            )
+        return asked
+
     # ---- one step ------------------------------------------------------------------------
 
     def execute(self, steps: Sequence[SeqStep]) -> StepResult:
-        """Prepare and run one step (decodes first for the best kernels)."""
+        """Prepare, launch and collect one step (the simple synchronous path)."""
         return self.run(self.prepare(steps))
 
+    def run(self, prepared: PreparedStep) -> StepResult:
+        """Launch a prepared step and wait for its tokens."""
+        return self.collect(self.launch(prepared, None))
+
     def prepare(self, steps: Sequence[SeqStep]) -> PreparedStep:
-        """Turn `steps` into device tensors. Reads the steps' lists, so the caller must not
-        change them until this returns; the result is owned by the step alone."""
-        ctx, input_ids = self._inputs(steps)
-        return PreparedStep(ctx, input_ids, self._sampling_tensors(steps))
+        """Turn `steps` into device tensors (enqueued on the runner's stream)."""
+        with self.on_stream():
+            return prepare_step(steps, self.block_size, self.device, self.attn_backend)
 
     @torch.inference_mode()
-    def run(self, prepared: PreparedStep) -> StepResult:
-        """Run the model with the step's forward context bound, then sample."""
+    def launch(self, prepared: PreparedStep, previous: LaunchedStep | None) -> LaunchedStep:
+        """Enqueue the forward pass and sampling; returns without waiting on the device.
+
+        `previous` is the step launched just before, whose drawn tokens feed this step's
+        pending inputs.
+        """
+        with self.on_stream():
+            input_ids = prepared.input_ids
+            if prepared.pending_dst is not None:
+                assert previous is not None, "a pending token needs the step that drew it"
+                input_ids[prepared.pending_dst] = previous.token_ids[prepared.pending_src]
+            logits = self._logits(prepared, input_ids)
+            out = self.sampler(logits, prepared.sampling)
+            if self.stream is None:
+                return LaunchedStep(out.token_ids, out, None)
+            host = SamplerOutput(*(_to_host(t) for t in out))
+            done = _new_event()
+            done.record(self.stream)
+            return LaunchedStep(out.token_ids, host, done)
+
+    def _logits(self, prepared: PreparedStep, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(prepared.ctx):
+            return self.graphs.replay(prepared.ctx, input_ids)
         with forward_context(prepared.ctx):
-            hidden = self.model(prepared.input_ids)
-            logits = self.model.compute_logits(hidden)
-        return _to_result(self.sampler(logits, prepared.sampling))
+            return self.model.compute_logits(self.model(input_ids))
 
-    def _inputs(self, steps: Sequence[SeqStep]) -> tuple[ForwardContext, torch.Tensor]:
-        bs = self.block_size
-        q_lens = np.fromiter((len(s.token_ids) for s in steps), np.int64, len(steps))
-        starts = np.fromiter((s.start for s in steps), np.int64, len(steps))
-        seq_lens = starts + q_lens
-        cu_q = np.zeros(len(steps) + 1, np.int64)
-        np.cumsum(q_lens, out=cu_q[1:])
-        num_tokens = int(cu_q[-1])
-        seq_of_token = np.repeat(np.arange(len(steps)), q_lens)
-        positions = np.arange(num_tokens) - cu_q[seq_of_token] + starts[seq_of_token]
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step (blocking only the calling thread) and read its tokens."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        return _to_result(launched.host)
 
-        max_blocks = int((seq_lens.max() + bs - 1) // bs)
-        tables = np.zeros((len(steps), max_blocks), np.int64)
-        for row, s in enumerate(steps):
-            n = min(len(s.block_table), max_blocks)
-            tables[row, :n] = s.block_table[:n]
-        slots = tables[seq_of_token, positions // bs] * bs + positions % bs
 
-        token_ids = np.fromiter((t for s in steps for t in s.token_ids), np.int64, num_tokens)
-        sampled_rows = [i for i, s in enumerate(steps) if s.sample is not None]
-        logits_indices = cu_q[1:][sampled_rows] - 1
-        num_decodes = int(np.argmax(q_lens != 1)) if (q_lens != 1).any() else len(steps)
+def _new_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
-        def dev(array: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.from_numpy(array).to(self.device, dtype, non_blocking=True)
 
-        ctx = ForwardContext(
-            positions=dev(positions),
-            slot_mapping=dev(slots),
-            cu_seqlens_q=dev(cu_q, torch.int32),
-            seq_lens_k=dev(seq_lens, torch.int32),
-            block_tables=dev(tables, torch.int32),
-            logits_indices=dev(logits_indices),
-            max_seqlen_q=int(q_lens.max()),
-            max_seqlen_k=int(seq_lens.max()),
-            num_decode_seqs=num_decodes,
-            attn_backend=self.attn_backend,
-        )
-        ctx = dataclasses.replace(ctx, attn_metadata=self.attn_backend.build_metadata(ctx))
-        return ctx, dev(token_ids)
+def _new_event() -> torch.cuda.Event:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
 
-    def _sampling_tensors(self, steps: Sequence[SeqStep]) -> SamplingTensors:
-        specs = [s.sample for s in steps if s.sample is not None]
-        params = [spec.params for spec in specs]
-        banned = [(row, t) for row, spec in enumerate(specs) for t in spec.banned_token_ids]
 
-        def dev(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        return SamplingTensors(
-            temperatures=dev([p.temperature for p in params], torch.float32),
-            top_k=dev([p.top_k for p in params], torch.int64),
-            top_p=dev([p.top_p for p in params], torch.float32),
-            min_p=dev([p.min_p for p in params], torch.float32),
-            seeds=dev([spec.seed for spec in specs], torch.int64),
-            offsets=dev([spec.offset for spec in specs], torch.int64),
-            banned_rows=dev([row for row, _ in banned], torch.int64),
-            banned_tokens=dev([t for _, t in banned], torch.int64),
-            all_greedy=all(p.is_greedy for p in params),
-            any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-            any_min_p=any(p.min_p > 0.0 for p in params),
-            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-        )
+def _to_host(tensor: torch.Tensor | None) -> Any:
+    # Non-blocking device-to-host copies land in pinned memory; `done` says when.
+    return None if tensor is None else tensor.to("cpu", non_blocking=True)
 
 
 def _to_result(out: SamplerOutput) -> StepResult:

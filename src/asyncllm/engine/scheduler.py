@@ -1,10 +1,14 @@
 """Continuous batching: which requests compute how many tokens in the next step.
 
-Each step spends a token budget (`max_num_batched_tokens`): running requests first (a decode
-costs one token; a prompt being prefilled in chunks takes what is left), then waiting
-requests in arrival order, each starting after its cached prefix. Decodes and prefill chunks
-share steps, so a long prompt never stalls running streams. When the KV pool runs dry, the
-newest running request is preempted: its blocks are freed and it is recomputed later.
+Each step spends a token budget (`max_num_batched_tokens`): running decodes first (one token
+each), then prompts being prefilled in chunks, then waiting requests in arrival order, each
+starting after its cached prefix. Decodes and prefill chunks share steps, so a long prompt
+never stalls running streams. When the KV pool runs dry, the newest running request is
+preempted: its blocks are freed and it is recomputed later.
+
+With overlapped execution a step is scheduled before the previous one's tokens are known: a
+request that will sample in a launched step counts that token as *pending*; the next step
+may already decode it (the runner feeds it from the device).
 """
 
 from __future__ import annotations
@@ -20,14 +24,13 @@ __all__ = ["ScheduledStep", "Scheduler"]
 
 
 class ScheduledStep(NamedTuple):
-    """The work of one step: `num_tokens[i]` new tokens of `requests[i]`, decodes first."""
+    """The work of one step: `num_tokens[i]` new tokens of `requests[i]`, decodes first;
+    `samples[i]` says whether requests[i] reaches its last token and so draws a new one."""
 
+    step_id: int
     requests: list[Request]
     num_tokens: list[int]
-
-    def samples(self, index: int) -> bool:
-        """Whether requests[index] reaches its last known token this step (and so samples)."""
-        return self.requests[index].num_computed_tokens == self.requests[index].num_tokens
+    samples: list[bool]
 
 
 class Scheduler:
@@ -52,11 +55,11 @@ class Scheduler:
         assert req.status is not RequestStatus.RELEASED, "request removed twice"
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        elif req.status is RequestStatus.WAITING:
+        else:
             self.waiting.remove(req)
         self.blocks.free(req)
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, step_id: int) -> ScheduledStep:
         """Pick this step's work; computed-token counts advance as if the step already ran."""
         picked: dict[Request, int] = {}
         used = 0
@@ -64,9 +67,9 @@ class Scheduler:
         # Decodes before prefill chunks, so a long prompt being prefilled cannot starve them.
         for decode_pass in (True, False):
             for req in list(self.running):
-                remaining = req.num_tokens - req.num_computed_tokens
-                if req.status is not RequestStatus.RUNNING or (remaining == 1) != decode_pass:
-                    continue  # preempted earlier in this step, or not this pass's kind
+                remaining = _remaining(req)
+                if remaining == 0 or (remaining == 1) != decode_pass:
+                    continue  # done or preempted earlier in this step, or the other pass's kind
                 count = min(remaining, self.max_num_batched_tokens - used)
                 if count <= 0:
                     break
@@ -82,11 +85,13 @@ class Scheduler:
                     used += count
         if not preempted:
             self._admit(picked, self.max_num_batched_tokens - used)
-        return self._finalize(picked)
+        return self._finalize(step_id, picked)
 
     def _admit(self, picked: dict[Request, int], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending_tokens:
+                break  # preempted with a token in flight: admit once it has landed
             cached = self.blocks.cached_prefix(req)
             count = min(req.num_tokens - len(cached) * self.blocks.block_size, budget)
             if not self.blocks.allocate(req, count, cached):
@@ -97,8 +102,7 @@ class Scheduler:
             budget -= count
 
     def _on_admitted(self, req: Request, cached_tokens: int) -> None:
-        first_time = req.first_scheduled_time is None
-        if first_time:
+        if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
             req.num_cached_tokens = cached_tokens
             self.blocks.record_lookup(req.num_tokens, cached_tokens)
@@ -115,14 +119,27 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def _finalize(self, picked: dict[Request, int]) -> ScheduledStep:
+    def _finalize(self, step_id: int, picked: dict[Request, int]) -> ScheduledStep:
         order = sorted(picked.items(), key=lambda item: item[1] != 1)  # decodes first (stable)
+        samples = []
         for req, count in order:
             req.num_computed_tokens += count
-        return ScheduledStep([req for req, _ in order], [count for _, count in order])
+            req.last_step_id = step_id
+            sample = req.num_computed_tokens == req.num_tokens + req.num_pending_tokens
+            req.num_pending_tokens += sample
+            samples.append(sample)
+        return ScheduledStep(step_id, [r for r, _ in order], [c for _, c in order], samples)
 
     def after_step(self, step: ScheduledStep) -> None:
         """Register the blocks the finished step filled, so later requests can reuse them."""
         for req in step.requests:
-            if not req.is_finished:
+            if req.status is RequestStatus.RUNNING:
                 self.blocks.register_full_blocks(req)
+
+
+def _remaining(req: Request) -> int:
+    """Tokens `req` still has to compute now (0 once it is finished or will be when its
+    pending tokens land)."""
+    if req.is_finished or req.num_output_tokens + req.num_pending_tokens >= req.max_tokens:
+        return 0
+    return req.num_tokens + req.num_pending_tokens - req.num_computed_tokens

@@ -67,6 +67,10 @@ class Sampler(nn.Module):
 
 
 def _sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    if logits.is_cuda and not (params.any_top_k_top_p or params.any_min_p):
+        from asyncllm.kernels.triton_sampling import gumbel_argmax
+
+        return gumbel_argmax(logits, params.temperatures, params.seeds, params.offsets)
     temperatures = torch.where(params.temperatures == 0, 1.0, params.temperatures)
     scores = logits / temperatures[:, None]
     if params.any_top_k_top_p:
@@ -77,8 +81,7 @@ def _sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         scores = scores.masked_fill(probs < threshold, float("-inf"))
     # Gumbel-max: argmax(score + Gumbel noise) is a draw from softmax(score).
     u = uniform_noise(params.seeds, params.offsets, scores.shape[1])
-    gumbel = -torch.log(-torch.log(u))
-    return (scores + gumbel.to(scores.dtype)).argmax(dim=-1)
+    return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
 def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -102,10 +105,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[S, V] float64 uniforms in (0, 1), a pure function of (seed, offset, token id)."""
+    """[S, V] float32 uniforms in (0, 1), a pure function of (seed, offset, token id).
+
+    23 bits of the hash: the largest value, 1 - 2**-24, is still below 1 in float32, so the
+    Gumbel transform never sees log(1) = 0.
+    """
     seeds = seeds.long()
     key = _mix32((seeds ^ (seeds >> 32)) & _MASK32)
     key = _mix32(key ^ _mix32((offsets.long() * 0x9E3779B1 + 0x632BE5AB) & _MASK32))
     tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _mix32(_mix32((key[:, None] ^ (tokens[None, :] * 0x85EBCA77)) & _MASK32) ^ key[:, None])
-    return (bits.double() + 0.5) / 2.0**32
+    return ((bits >> 9).float() + 0.5) * 2.0**-23

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run asyncllm's GPU checks on an offline machine whose python3 already has CUDA torch.
+#
+#   bash scripts/gpu_machine.sh tests        # nox -s gpu_tests
+#   bash scripts/gpu_machine.sh bench        # throughput (vs transformers) + attention
+#
+# Test tools that machine lacks (nox, pytest-asyncio and their needs) come from wheels in
+# .whl/, fetched beforehand on a machine with network access:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 -d .whl nox pytest-asyncio argcomplete colorlog \
+#     dependency-groups virtualenv distlib platformdirs humanize python-discovery packaging filelock
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/asyncllm-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/asyncllm-site .whl/*.whl
+export PYTHONPATH=/tmp/asyncllm-site PYTHONUNBUFFERED=1
+status=0
+for what in "$@"; do
+  case "$what" in
+    tests)
+      python3 -m nox -s gpu_tests -- -q -p no:cacheprovider --durations=15 \
+        --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" || status=1 ;;
+    bench)
+      python3 -m asyncllm bench throughput --out "$OUT/throughput.json" 2>&1 \
+        | tee "$OUT/throughput.log" || status=1
+      python3 benchmarks/attention.py --out "$OUT/attention.json" 2>&1 \
+        | tee "$OUT/attention.log" || status=1 ;;
+    *) echo "unknown step: $what" >&2; status=2 ;;
+  esac
+done
+exit $status

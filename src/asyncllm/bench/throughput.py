@@ -1,0 +1,213 @@
+"""`asyncllm bench throughput`: the nano-vllm workload, asyncllm against transformers, one run.
+
+256 requests (seed 0) with prompts of U[100, 1024] random token ids and U[100, 1024] output
+tokens, ignore_eos, temperature 0.6, on Qwen3-0.6B's exact shape with random bf16 weights.
+Measured in one process, one after the other:
+
+(a) asyncllm offline (`generate_many`);
+(b) asyncllm with one `stream()` consumer per request, while a heartbeat coroutine in the same
+    loop measures event-loop lag;
+(c) transformers `generate_batch` (continuous batching) on the same prompts with a fixed
+    output length equal to the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from asyncllm.bench.model import write_random_qwen3
+from asyncllm.engine.async_engine import AsyncEngine
+from asyncllm.sampling import SamplingParams
+
+__all__ = ["add_parser", "workload"]
+
+
+def workload(
+    num_requests: int, seed: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+    vocab_size: int,
+) -> tuple[list[list[int]], list[int]]:  # fmt: skip
+    """Random prompts (token ids) and output lengths, reproducible from `seed`."""
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(vocab_size) for _ in range(rng.randint(*prompt_range))]
+        for _ in range(num_requests)
+    ]
+    outputs = [rng.randint(*output_range) for _ in range(num_requests)]
+    return prompts, outputs
+
+
+class LagMonitor:
+    """Samples how late a 1 ms sleep in the event loop wakes up."""
+
+    def __init__(self) -> None:
+        self.lags_ms: list[float] = []
+        self._running = True
+
+    async def run(self) -> None:
+        while self._running:
+            start = time.perf_counter()
+            await anyio.sleep(0.001)
+            self.lags_ms.append(max(0.0, (time.perf_counter() - start) * 1e3 - 1.0))
+
+    def stop(self) -> dict[str, float]:
+        self._running = False
+        lags = sorted(self.lags_ms) or [0.0]
+        return {
+            "samples": len(lags),
+            "p50_ms": statistics.median(lags),
+            "p99_ms": lags[int(0.99 * (len(lags) - 1))],
+            "max_ms": lags[-1],
+        }
+
+
+async def _offline(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]
+                   ) -> float:  # fmt: skip
+    start = time.perf_counter()
+    outs = await engine.generate_many(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(o.usage.completion_tokens == p.max_tokens for o, p in zip(outs, params))
+    return elapsed
+
+
+async def _streams(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]
+                   ) -> tuple[float, dict[str, float]]:  # fmt: skip
+    monitor = LagMonitor()
+
+    async def consume(prompt: list[int], sp: SamplingParams) -> None:
+        async for _ in engine.stream(prompt, sp):
+            pass
+
+    async with anyio.create_task_group() as lag_group:
+        lag_group.start_soon(monitor.run)
+        start = time.perf_counter()
+        async with anyio.create_task_group() as group:
+            for prompt, sp in zip(prompts, params):
+                group.start_soon(consume, prompt, sp)
+        elapsed = time.perf_counter() - start
+        lag = monitor.stop()
+    return elapsed, lag
+
+
+async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int],
+                    args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    overrides: dict[str, Any] = {"enforce_eager": args.enforce_eager}
+    if args.block_size:
+        overrides["block_size"] = args.block_size
+    engine = AsyncEngine.from_pretrained(str(model_dir), **overrides)
+    params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
+              for n in outputs]  # fmt: skip
+    result: dict[str, Any] = {}
+    async with engine:
+        await engine.generate_many(prompts[:8], SamplingParams(max_tokens=16))  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        result["offline_s"] = await _offline(engine, prompts, params)
+        result["streams_s"], result["loop_lag"] = await _streams(engine, prompts, params)
+        stats = engine.stats()
+        runner = engine._core.runner
+        assert runner is not None
+        result["kv_cache"] = {
+            "blocks": stats.kv_blocks_total,
+            "block_size": runner.block_size,
+            "tokens": stats.kv_blocks_total * runner.block_size,
+            "gib": stats.kv_blocks_total * runner.kv_block_bytes / 2**30,
+        }
+        result["attention_backend"] = stats.attention_backend
+        result["cuda_graphs"] = runner.graphs is not None
+        if torch.cuda.is_available():
+            result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def _transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int,
+                  temperature: float) -> dict[str, Any]:  # fmt: skip
+    import transformers
+
+    hf: Any = transformers
+    GenerationConfig = hf.GenerationConfig
+    model = hf.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).cuda()
+    model.config._attn_implementation = "paged|sdpa"  # flash variants need hub kernels
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=temperature,
+                              eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    model.generate_batch(
+        inputs=prompts[:4],
+        generation_config=GenerationConfig(
+            max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0
+        ),
+        progress_bar=False,
+    )
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.generated_tokens) for o in outs.values())
+    return {"seconds": elapsed, "generated_tokens": generated, "tok_per_s": generated / elapsed}
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`asyncllm bench throughput`."""
+    p = kinds.add_parser("throughput", help="nano-vllm workload: asyncllm vs transformers")
+    p.add_argument("--model", default=None, help="model dir (default: random Qwen3-0.6B shape)")
+    p.add_argument("--work-dir", default=None, help="where the random model is written")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024))
+    p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--block-size", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    model_dir = (
+        Path(args.model)
+        if args.model
+        else write_random_qwen3(
+            Path(args.work_dir or tempfile.gettempdir()) / "asyncllm-qwen3-0.6b-random"
+        )
+    )
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts, outputs = workload(args.num_requests, args.seed, tuple(args.prompt_len),
+                                tuple(args.output_len), vocab)  # fmt: skip
+    total_out = sum(outputs)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "requests": len(prompts),
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": total_out,
+    }
+    result |= asyncio.run(_asyncllm(model_dir, prompts, outputs, args))
+    result["offline_tok_per_s"] = total_out / result["offline_s"]
+    result["streams_tok_per_s"] = total_out / result["streams_s"]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not args.skip_transformers and torch.cuda.is_available():
+        mean_out = round(statistics.mean(outputs))
+        try:
+            result["transformers"] = _transformers(model_dir, prompts, mean_out, args.temperature)
+            result["ratio_offline_vs_transformers"] = (
+                result["offline_tok_per_s"] / result["transformers"]["tok_per_s"]
+            )
+        except Exception as exc:  # report, keep asyncllm's numbers
+            result["transformers"] = {"error": repr(exc)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,114 @@
+"""CUDA graphs of decode steps: the whole forward pass (and LM head) as one replay.
+
+A decode step of B sequences launches hundreds of small kernels; replaying a captured graph
+turns that into one launch. Graphs are captured once per padded batch size, reading their
+inputs from static buffers that a replay first fills; the forward context they were captured
+with holds views of those same buffers. Padding rows write nowhere (slot -1) and attend to
+nothing (length 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from asyncllm.context import ForwardContext, forward_context
+
+if TYPE_CHECKING:
+    from asyncllm.engine.runner import ModelRunner
+
+__all__ = ["DecodeGraphs", "graph_batch_sizes"]
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Padded batch sizes to capture: 1, 2, 4, 8, then every 16, up to max_num_seqs."""
+    sizes = {s for s in (1, 2, 4, 8) if s <= max_num_seqs}
+    sizes.update(range(16, max_num_seqs + 1, 16))
+    sizes.add(max_num_seqs)
+    return sorted(sizes)
+
+
+class DecodeGraphs:
+    """Captured decode steps for every padded batch size up to `max_num_seqs`."""
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int) -> None:
+        self.runner = runner
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        device, largest = runner.device, self.sizes[-1]
+        width = -(-runner.max_model_len // runner.block_size)
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, width, dtype=torch.int32, device=device)
+        # Every row is one query token: these never change.
+        self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(largest, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self._capture()
+
+    def _context(self, size: int) -> ForwardContext:
+        return ForwardContext(
+            positions=self.positions[:size],
+            slot_mapping=self.slot_mapping[:size],
+            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
+            seq_lens_k=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            logits_indices=self.logits_indices[:size],
+            max_seqlen_q=1,
+            max_seqlen_k=self.block_tables.shape[1] * self.runner.block_size,
+            num_decode_seqs=size,
+            attn_backend=self.runner.attn_backend,
+        )
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        model, stream = self.runner.model, self.runner.stream
+        assert stream is not None
+        pool = None
+        for size in reversed(self.sizes):  # largest first: the rest reuse its memory pool
+            ctx = self._context(size)
+            with forward_context(ctx):
+                model.compute_logits(model(self.input_ids[:size]))  # warm-up (lazy inits)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[size] = model.compute_logits(model(self.input_ids[:size]))
+            self.graphs[size] = graph
+            pool = graph.pool()
+        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        """The smallest captured size that holds `num_seqs` rows (None if none does)."""
+        for size in self.sizes:
+            if size >= num_seqs:
+                return size
+        return None
+
+    def fits(self, ctx: ForwardContext) -> bool:
+        """Whether the step described by `ctx` can replay a graph."""
+        return (
+            ctx.is_decode_only
+            and ctx.block_tables.shape[1] <= self.block_tables.shape[1]
+            and self.padded_size(ctx.num_seqs) is not None
+        )
+
+    def replay(self, ctx: ForwardContext, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the decode step of `ctx` through its graph; returns logits [num_seqs, V]."""
+        rows = ctx.num_seqs
+        size = self.padded_size(rows)
+        assert size is not None
+        self.input_ids[:rows].copy_(input_ids)
+        self.positions[:rows].copy_(ctx.positions)
+        self.slot_mapping[:rows].copy_(ctx.slot_mapping)
+        self.seq_lens[:rows].copy_(ctx.seq_lens_k)
+        self.block_tables[:rows, : ctx.block_tables.shape[1]].copy_(ctx.block_tables)
+        if size > rows:  # padding rows: write nowhere, attend to nothing
+            self.slot_mapping[rows:size].fill_(-1)
+            self.seq_lens[rows:size].fill_(0)
+        self.graphs[size].replay()
+        return self.logits[size][:rows]

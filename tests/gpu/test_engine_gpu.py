@@ -1,0 +1,163 @@
+"""The engine on a GPU: CUDA graphs, its own stream, float32 parity, no leaks under load."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from asyncllm import AsyncEngine, EngineStats, SamplingParams
+from asyncllm.layers.sampler import Sampler, SamplingTensors
+from tests.models import TINY_MODEL_DIR, load_reference, reference_greedy, write_random_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU_SHAPE = dict(
+    vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("gpu-model")
+    write_random_model(directory, seed=3, **GPU_SHAPE)
+    return directory
+
+
+def engine_for(model_dir: Path, **overrides: Any) -> AsyncEngine:
+    settings: dict[str, Any] = dict(device="cuda", num_kv_blocks=2048, max_num_seqs=64)
+    settings.update(overrides)
+    return AsyncEngine.from_pretrained(str(model_dir), **settings)
+
+
+def prompts_of(count: int, vocab: int, seed: int, max_len: int = 300) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(1, max_len))] for _ in range(count)]
+
+
+async def greedy_outputs(model_dir: Path, prompts: list[list[int]], **overrides: Any
+                         ) -> list[list[int]]:  # fmt: skip
+    async with engine_for(model_dir, **overrides) as engine:
+        outs = await engine.generate_many(prompts, SamplingParams(temperature=0, max_tokens=40))
+        runner = engine._core.runner
+        assert runner is not None
+        assert (runner.graphs is not None) == (not overrides.get("enforce_eager", False))
+    return [o.token_ids for o in outs]
+
+
+async def test_cuda_graphs_give_the_same_tokens_as_eager(gpu_model_dir: Path) -> None:
+    prompts = prompts_of(48, 2048, seed=1)
+    graphed = await greedy_outputs(gpu_model_dir, prompts, dtype="bfloat16")
+    eager = await greedy_outputs(gpu_model_dir, prompts, dtype="bfloat16", enforce_eager=True)
+    assert graphed == eager
+
+
+async def test_the_engine_runs_on_its_own_stream(gpu_model_dir: Path) -> None:
+    async with engine_for(gpu_model_dir) as engine:
+        runner = engine._core.runner
+        assert runner is not None and runner.stream is not None
+        assert runner.stream != torch.cuda.default_stream()
+        assert engine.stats().attention_backend == "triton"
+        await engine.generate([1, 2, 3], SamplingParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+async def test_float32_greedy_matches_transformers(gpu_model_dir: Path, overlap: bool) -> None:
+    """Crowded, chunked, prefix-sharing and preempted: all token-identical to transformers."""
+    shared = prompts_of(1, 2048, seed=5, max_len=80)[0]
+    prompts = [shared + p for p in prompts_of(24, 2048, seed=6, max_len=120)]
+    ours = await greedy_outputs(
+        gpu_model_dir, prompts, dtype="float32", num_kv_blocks=48, block_size=16,
+        max_num_batched_tokens=256, max_model_len=256, overlap_scheduling=overlap,
+    )  # fmt: skip
+    reference = load_reference(gpu_model_dir).cuda()
+    want = [reference_greedy(reference, p, 40, stop_at_eos=False) for p in prompts]
+    assert ours == want
+
+
+async def test_embedded_model_matches_transformers_in_float32() -> None:
+    reference = load_reference(TINY_MODEL_DIR).cuda()
+    async with AsyncEngine.from_pretrained(None, device="cuda", dtype="float32") as engine:
+        texts = ["Once upon a time", "The little dog", "One day"]
+        outs = await engine.generate_many(texts, SamplingParams(temperature=0, max_tokens=64))
+        prompts = [engine.tokenizer.encode(t) for t in texts]
+    assert [o.token_ids for o in outs] == [reference_greedy(reference, p, 64) for p in prompts]
+
+
+def all_blocks_unused(stats: EngineStats) -> bool:
+    return stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total
+
+
+async def test_long_mixed_workload_with_cancellations_leaks_nothing(gpu_model_dir: Path) -> None:
+    rng = random.Random(7)
+    prompts = prompts_of(300, 2048, seed=8, max_len=500)
+    plans = [(rng.randint(1, 200), rng.choice([None, rng.randint(0, 60)])) for _ in prompts]
+    endings: dict[int, str] = {}
+
+    async def client(index: int, engine: AsyncEngine) -> None:
+        await anyio.sleep(rng.uniform(0, 0.5))
+        max_tokens, cancel_at = plans[index]
+        count = 0
+        async with engine.stream(
+            prompts[index], SamplingParams(max_tokens=max_tokens, temperature=0.8)
+        ) as stream:
+            async for _ in stream:
+                count += 1
+                if cancel_at is not None and count > cancel_at:
+                    break
+        out = stream.output()
+        assert index not in endings
+        endings[index] = out.finish_reason
+        if out.finish_reason == "length":
+            assert len(out.token_ids) == max_tokens
+
+    async with engine_for(gpu_model_dir, num_kv_blocks=600, max_num_seqs=128) as engine:
+        async with anyio.create_task_group() as group:
+            for index in range(len(prompts)):
+                group.start_soon(client, index, engine)
+        for _ in range(500):
+            if engine.stats().running == engine.stats().waiting == 0:
+                break
+            await anyio.sleep(0.01)
+        stats = engine.stats()
+        engine._core.blocks.check_invariants([])
+    assert len(endings) == len(prompts)
+    assert set(endings.values()) <= {"length", "abort"}
+    assert all_blocks_unused(stats)
+    assert stats.num_preemptions > 0 or stats.kv_blocks_total >= 600
+
+
+def test_kv_pool_is_sized_from_free_memory(gpu_model_dir: Path) -> None:
+    engine = engine_for(gpu_model_dir, num_kv_blocks=None, gpu_memory_utilization=0.5)
+    engine._core.load()
+    free, total = torch.cuda.mem_get_info()
+    assert engine.stats().kv_blocks_total > 1000
+    assert total - free <= 0.55 * total  # the engine stayed within its share (and a margin)
+
+
+def test_fused_sampling_kernel_draws_what_the_torch_path_draws() -> None:
+    rows, vocab = 512, 32_000
+    logits = torch.randn(rows, vocab, device="cuda") * 3
+    params = SamplingTensors(
+        temperatures=torch.full((rows,), 0.7, device="cuda"),
+        top_k=torch.zeros(rows, dtype=torch.long, device="cuda"),
+        top_p=torch.ones(rows, device="cuda"),
+        min_p=torch.zeros(rows, device="cuda"),
+        seeds=torch.arange(rows, device="cuda") * 31 + 5,
+        offsets=torch.arange(rows, device="cuda") % 17,
+        banned_rows=torch.empty(0, dtype=torch.long, device="cuda"),
+        banned_tokens=torch.empty(0, dtype=torch.long, device="cuda"),
+        all_greedy=False, any_top_k_top_p=False, any_min_p=False, num_logprobs=-1,
+    )  # fmt: skip
+    fused = Sampler()(logits, params).token_ids.cpu()
+    cpu_params = SamplingTensors(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in params))
+    reference = Sampler()(logits.cpu(), cpu_params).token_ids
+    assert (fused == reference).float().mean() >= 0.999
