@@ -19,8 +19,12 @@ status=0
 for what in "$@"; do
   case "$what" in
     tests)
-      python3 -m nox -s gpu_tests -- -q -p no:cacheprovider --durations=15 \
-        --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" || status=1 ;;
+      # Kernel tests spread over 8 processes; engine tests alone (they size pools from
+      # free GPU memory).
+      python3 -m nox -s gpu_tests -- tests/gpu/test_triton_attention.py -q -n 8 \
+        -p no:cacheprovider 2>&1 | tee "$OUT/gpu-kernel-tests.log" || status=1
+      python3 -m nox -s gpu_tests -- tests/gpu -q --deselect tests/gpu/test_triton_attention.py \
+        -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu-engine-tests.log" || status=1 ;;
     bench)
       python3 -m asyncllm bench throughput --out "$OUT/throughput.json" 2>&1 \
         | tee "$OUT/throughput.log" || status=1
