@@ -38,7 +38,13 @@ def gpu_tests(session: nox.Session) -> None:
     session.run(*pip, "pytest-asyncio", external=True)
     session.run(*pip, "--no-build-isolation", "-e", ".", external=True)
     session.run(
-        sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", *session.posargs, external=True
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        *(session.posargs or ["tests/gpu"]),
+        external=True,
     )
 
 

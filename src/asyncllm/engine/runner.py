@@ -74,9 +74,9 @@ class ModelRunner:
                 self.dtype,
             )
             self.sampler = Sampler()
+            self.graphs: DecodeGraphs | None = None
             self.num_kv_blocks = self._allocate_kv_cache()
             self.max_model_len = self._resolve_max_model_len()
-            self.graphs: DecodeGraphs | None = None
             if cuda and not config.enforce_eager and self.attn_backend.supports_cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
@@ -152,7 +152,7 @@ class ModelRunner:
         self.run(self.prepare(steps))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
-        del self.kv_cache
+        self._bind_kv_cache(0)  # drop the throw-away cache before free memory is read
         torch.cuda.empty_cache()
         logger.info("profiled step of %d tokens: %.1f MiB of activations", num_tokens, peak / 2**20)
         return int(peak)
@@ -230,8 +230,11 @@ def _new_event() -> torch.cuda.Event:
 
 
 def _to_host(tensor: torch.Tensor | None) -> Any:
-    # Non-blocking device-to-host copies land in pinned memory; `done` says when.
-    return None if tensor is None else tensor.to("cpu", non_blocking=True)
+    # Into pinned memory, so the copy is truly asynchronous; `done` says when it has landed.
+    if tensor is None:
+        return None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _to_result(out: SamplerOutput) -> StepResult:
