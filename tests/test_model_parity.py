@@ -10,7 +10,7 @@ import torch
 
 from asyncllm.config import EngineConfig
 from asyncllm.context import forward_context
-from asyncllm.engine.runner import ModelRunner, SampleSpec, SeqStep
+from asyncllm.engine.runner import ModelRunner, SampleSpec, SeqStep, StepBatch
 from asyncllm.model.config import ModelConfig
 from asyncllm.sampling import SamplingParams
 from tests.models import RANDOM_CONFIGS, load_reference, paged_greedy, reference_greedy
@@ -31,7 +31,7 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]
 
 
 def paged_logits(runner: ModelRunner, steps: list[SeqStep]) -> torch.Tensor:
-    prepared = runner.prepare(steps)
+    prepared = runner.prepare(StepBatch.from_steps(steps))
     with torch.inference_mode(), forward_context(prepared.ctx):
         return runner.model.compute_logits(runner.model(prepared.input_ids))
 

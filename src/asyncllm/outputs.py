@@ -25,9 +25,9 @@ class TokenLogprobs(NamedTuple):
     top: tuple[tuple[int, float], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: it is built for every token, and frozen costs 4x
 class StreamToken:
-    """One generated token as `engine.stream()` yields it.
+    """One generated token as `engine.stream()` yields it (treat it as read-only).
 
     `text` is the newly decoded text this token completes; it may be "" (half of a
     multi-byte character, or text held back while it could still be part of a stop string).
@@ -96,3 +96,6 @@ class EngineStats(NamedTuple):
     num_preemptions: int
     num_finished: int
     attention_backend: str
+    step_seconds: dict[str, float]
+    """Wall seconds the engine loop spent per phase: "schedule" (and prepare inputs), "launch"
+    (enqueue on the device), "wait" (for the device), "process" (tokens to streams)."""

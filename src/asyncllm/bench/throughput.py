@@ -125,6 +125,8 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
             "gib": stats.kv_blocks_total * runner.kv_block_bytes / 2**30,
         }
         result["attention_backend"] = stats.attention_backend
+        result["step_seconds"] = stats.step_seconds
+        result["steps"] = stats.num_steps
         result["cuda_graphs"] = runner.graphs is not None
         if torch.cuda.is_available():
             result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -17,7 +17,7 @@ from asyncllm.engine.core import EngineCore, Prompt
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import LaunchedStep
 from asyncllm.engine.scheduler import ScheduledStep
-from asyncllm.engine.stream import RequestStream
+from asyncllm.engine.stream import RequestStream, new_waiter_factory
 from asyncllm.errors import (
     BlockingCallError,
     EngineDeadError,
@@ -97,6 +97,7 @@ class AsyncEngine:
         if self._state != "created":
             raise EngineError(f"an engine starts once; this one is {self._state}")
         self._token = anyio.lowlevel.current_token()
+        self._new_waiter = new_waiter_factory(self._token.native_token)
         self._loop_thread = threading.get_ident()
         self._state = "starting"
         try:
@@ -285,20 +286,25 @@ class AsyncEngine:
         assert runner is not None
         depth = self.config.pipeline_depth(runner.device)
         in_flight: deque[tuple[ScheduledStep, LaunchedStep]] = deque()
+        clock = self._core.clock
         while True:
-            scheduled = self._core.schedule() if len(in_flight) < depth else None
+            with clock("schedule"):
+                scheduled = self._core.schedule() if len(in_flight) < depth else None
             if scheduled is not None:
                 step, prepared = scheduled
                 previous = in_flight[-1][1] if in_flight else None
-                launched = await self._on_worker(runner.launch, prepared, previous)
+                with clock("launch"):
+                    launched = await self._on_worker(runner.launch, prepared, previous)
                 in_flight.append((step, launched))
             elif in_flight:
                 step, launched = in_flight.popleft()
-                result = await self._on_worker(runner.collect, launched)
-                for req in self._core.process(step, result):
-                    self._notify(req)
-                    if req.is_finished:
-                        self._requests.pop(req.request_id, None)
+                with clock("wait"):
+                    result = await self._on_worker(runner.collect, launched)
+                with clock("process"):
+                    for req in self._core.process(step, result):
+                        self._notify(req)
+                        if req.is_finished:
+                            self._requests.pop(req.request_id, None)
             else:
                 if self._core.has_work():
                     logger.error("work is pending but nothing can be scheduled")

@@ -6,18 +6,19 @@ No event loop here: `AsyncEngine` drives this object from its loop task, calling
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
-from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, SeqStep, StepResult
+from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
 from asyncllm.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
 from asyncllm.model.config import ModelConfig
@@ -53,6 +54,18 @@ class EngineCore:
         self._processed_step_id = -1
         self._deferred: list[Request] = []
         """Finished requests whose blocks a launched step may still write to."""
+        self.step_seconds: dict[str, float] = dict.fromkeys(
+            ("schedule", "launch", "wait", "process"), 0.0
+        )
+
+    @contextlib.contextmanager
+    def clock(self, phase: str) -> Iterator[None]:
+        """Add the wall time of the block to `step_seconds[phase]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step_seconds[phase] += time.perf_counter() - start
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -144,10 +157,10 @@ class EngineCore:
         if not step.requests:
             return None
         self._next_step_id += 1
-        return step, self.runner.prepare(self._seq_steps(step))
+        return step, self.runner.prepare(self._batch(step))
 
-    def _seq_steps(self, step: ScheduledStep) -> list[SeqStep]:
-        seq_steps, row = [], 0
+    def _batch(self, step: ScheduledStep) -> StepBatch:
+        batch, row = StepBatch(), 0
         for req, count, samples in zip(step.requests, step.num_tokens, step.samples):
             start = req.num_computed_tokens - count
             tokens = req.token_ids[start : start + count]
@@ -156,11 +169,11 @@ class EngineCore:
             pending_row = req.sample_row if len(tokens) < count else None
             sample = None
             if samples:
-                drawn = req.num_output_tokens + req.num_pending_tokens - 1  # this draw's index
+                drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - 1
                 sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
                 req.sample_row, row = row, row + 1
-            seq_steps.append(SeqStep(tokens, start, req.block_ids, sample, pending_row))
-        return seq_steps
+            batch.add(tokens, start, req.block_ids, pending_row, sample)
+        return batch
 
     def process(self, step: ScheduledStep, result: StepResult) -> list[Request]:
         """Append the sampled tokens, apply stop rules, release what finished.
@@ -184,9 +197,7 @@ class EngineCore:
     def _append(
         self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
     ) -> None:
-        req.append_token(token_id, logprobs, now)
-        if req.num_tokens >= self.max_model_len:
-            req.finish("length")  # no-op when a stop rule already ended it
+        req.append_token(token_id, logprobs, now)  # max_tokens already respects max_model_len
         if req.is_finished:
             self._release_when_idle(req)
 
@@ -243,6 +254,7 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions if loaded else 0,
             num_finished=self.num_finished,
             attention_backend=self.runner.attn_backend.name if self.runner else "",
+            step_seconds=dict(self.step_seconds),
         )
 
 

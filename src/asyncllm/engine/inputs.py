@@ -1,14 +1,16 @@
 """Step inputs: what each sequence computes, turned into device tensors with few copies.
 
-The host side builds numpy arrays; on CUDA they travel through one pinned buffer per dtype
-and one non-blocking copy each, on the engine's stream, so building step N+1 never waits for
-step N to finish.
+A `StepBatch` collects one step in flat Python lists (one `add` per sequence, decodes first),
+then `prepare_step` turns it into numpy arrays in a handful of vectorised operations and
+moves them in one non-blocking copy per dtype (through pinned memory on CUDA), so building
+step N+1 never waits for step N. This runs every step for every sequence: it is kept lean.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +21,7 @@ from asyncllm.kernels.base import AttentionBackend
 from asyncllm.layers.sampler import SamplingTensors
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["PreparedStep", "SampleSpec", "SeqStep", "prepare_step"]
+__all__ = ["PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
 
 
 class SampleSpec(NamedTuple):
@@ -34,7 +36,7 @@ class SampleSpec(NamedTuple):
 
 
 class SeqStep(NamedTuple):
-    """What one sequence computes in a step."""
+    """What one sequence computes in a step (the convenient form; see `StepBatch.add`)."""
 
     token_ids: Sequence[int]
     """The new tokens whose K/V this step computes; the last may be missing (pending_row)."""
@@ -46,6 +48,57 @@ class SeqStep(NamedTuple):
     """None for a prefill chunk that does not reach the end of the known tokens."""
     pending_row: int | None = None
     """The last new token is the one the previous step drew in this row (still on device)."""
+
+
+class StepBatch:
+    """One step's sequences, accumulated in flat lists."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.q_lens: list[int] = []
+        self.starts: list[int] = []
+        self.tables: list[Sequence[int]] = []
+        self.pending_dst: list[int] = []
+        self.pending_src: list[int] = []
+        self.sampled_seqs: list[int] = []
+        self.params: list[SamplingParams] = []
+        self.seeds: list[int] = []
+        self.offsets: list[int] = []
+        self.banned: list[tuple[int, int]] = []
+
+    @classmethod
+    def from_steps(cls, steps: Sequence[SeqStep]) -> StepBatch:
+        batch = cls()
+        for s in steps:
+            batch.add(s.token_ids, s.start, s.block_table, s.pending_row, s.sample)
+        return batch
+
+    def add(
+        self,
+        token_ids: Sequence[int],
+        start: int,
+        block_table: Sequence[int],
+        pending_row: int | None = None,
+        sample: SampleSpec | None = None,
+    ) -> None:
+        """Add a sequence computing `token_ids` (plus the pending token, if any) at `start`."""
+        self.tokens.extend(token_ids)
+        q_len = len(token_ids)
+        if pending_row is not None:
+            self.pending_dst.append(len(self.tokens))
+            self.pending_src.append(pending_row)
+            self.tokens.append(0)  # overwritten on the device
+            q_len += 1
+        self.q_lens.append(q_len)
+        self.starts.append(start)
+        self.tables.append(block_table)
+        if sample is not None:
+            row = len(self.params)
+            self.sampled_seqs.append(len(self.q_lens) - 1)
+            self.params.append(sample.params)
+            self.seeds.append(sample.seed)
+            self.offsets.append(sample.offset)
+            self.banned.extend((row, t) for t in sample.banned_token_ids)
 
 
 class PreparedStep(NamedTuple):
@@ -61,101 +114,86 @@ class PreparedStep(NamedTuple):
 
 
 def prepare_step(
-    steps: Sequence[SeqStep], block_size: int, device: torch.device, backend: AttentionBackend
+    batch: StepBatch, block_size: int, device: torch.device, backend: AttentionBackend
 ) -> PreparedStep:
-    """Device tensors for `steps` (decodes first, for the best attention kernels)."""
-    ints, int32s, floats = _host_arrays(steps, block_size)
+    """Device tensors for `batch`."""
+    q_lens = np.array(batch.q_lens, np.int64)
+    seq_lens = np.array(batch.starts, np.int64) + q_lens
+    cu_q = np.zeros(len(q_lens) + 1, np.int64)
+    np.cumsum(q_lens, out=cu_q[1:])
+    tables = _block_tables(batch.tables)
+    positions, slots = _positions_and_slots(cu_q, seq_lens, tables, block_size)
+    params = batch.params
+    ints = {
+        "input_ids": np.array(batch.tokens, np.int64),
+        "positions": positions,
+        "slots": slots,
+        "logits_indices": cu_q[1:][batch.sampled_seqs] - 1,
+        "pending_dst": np.array(batch.pending_dst, np.int64),
+        "pending_src": np.array(batch.pending_src, np.int64),
+        "top_k": np.array([p.top_k for p in params], np.int64),
+        "seeds": np.array(batch.seeds, np.int64),
+        "offsets": np.array(batch.offsets, np.int64),
+        "banned_rows": np.array([r for r, _ in batch.banned], np.int64),
+        "banned_tokens": np.array([t for _, t in batch.banned], np.int64),
+    }
+    int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
+              "tables": tables.ravel()}  # fmt: skip
+    floats = [np.fromiter((getattr(p, name) for p in params), np.float32, len(params))
+              for name in ("temperature", "top_p", "min_p")]  # fmt: skip
     to_device = _copier(device)
-    i64 = to_device(np.concatenate(list(ints.values())))
-    i32 = to_device(np.concatenate([a.ravel() for a in int32s.values()]))
-    f32 = to_device(np.stack(list(floats.values())))
-    views = _split(i64, {k: len(v) for k, v in ints.items()})
-    views32 = _split(i32, {k: v.size for k, v in int32s.items()})
-    num_seqs = len(steps)
-    has_pending = len(ints["pending_dst"]) > 0
+    views = _split(to_device(np.concatenate(list(ints.values()))), ints)
+    views32 = _split(to_device(np.concatenate(list(int32s.values()))), int32s)
+    f32 = to_device(np.stack(floats))
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
         cu_seqlens_q=views32["cu_q"],
         seq_lens_k=views32["seq_lens"],
-        block_tables=views32["tables"].view(num_seqs, -1),
+        block_tables=views32["tables"].view(tables.shape),
         logits_indices=views["logits_indices"],
-        max_seqlen_q=int(np.diff(int32s["cu_q"]).max()),
-        max_seqlen_k=int(int32s["seq_lens"].max()),
-        num_decode_seqs=_leading_decodes(int32s["cu_q"]),
+        max_seqlen_q=int(q_lens.max()),
+        max_seqlen_k=int(seq_lens.max()),
+        num_decode_seqs=_leading_decodes(q_lens),
         attn_backend=backend,
     )
     ctx = dataclasses.replace(ctx, attn_metadata=backend.build_metadata(ctx))
+    pending = bool(batch.pending_dst)
     return PreparedStep(
         ctx=ctx,
         input_ids=views["input_ids"],
-        pending_dst=views["pending_dst"] if has_pending else None,
-        pending_src=views["pending_src"] if has_pending else None,
-        sampling=_sampling(steps, views, f32),
+        pending_dst=views["pending_dst"] if pending else None,
+        pending_src=views["pending_src"] if pending else None,
+        sampling=_sampling(params, views, f32),
     )
 
 
-def _host_arrays(
-    steps: Sequence[SeqStep], block_size: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    num_seqs = len(steps)
-    q_lens = np.fromiter((_q_len(s) for s in steps), np.int64, num_seqs)
-    starts = np.fromiter((s.start for s in steps), np.int64, num_seqs)
-    seq_lens = starts + q_lens
-    cu_q = np.zeros(num_seqs + 1, np.int64)
-    np.cumsum(q_lens, out=cu_q[1:])
-    num_tokens = int(cu_q[-1])
-    seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
-    positions = np.arange(num_tokens) - cu_q[seq_of_token] + starts[seq_of_token]
+def _block_tables(rows: list[Sequence[int]]) -> np.ndarray:
+    """[B, longest] int32, zero-padded, filled in one vectorised scatter."""
+    lens = np.fromiter(map(len, rows), np.int64, len(rows))
+    total = int(lens.sum())
+    flat = np.fromiter(chain.from_iterable(rows), np.int32, total)
+    tables = np.zeros((len(rows), int(lens.max(initial=1))), np.int32)
+    row_of = np.repeat(np.arange(len(rows)), lens)
+    col_of = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+    tables[row_of, col_of] = flat
+    return tables
 
-    width = int((seq_lens.max() + block_size - 1) // block_size)
-    tables = np.zeros((num_seqs, width), np.int32)
-    for row, s in enumerate(steps):
-        used = min(len(s.block_table), width)
-        tables[row, :used] = s.block_table[:used]
+
+def _positions_and_slots(
+    cu_q: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    q_lens = np.diff(cu_q)
+    seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+    # Token i of a sequence with q new tokens sits at position seq_len - q + i.
+    positions = np.arange(int(cu_q[-1])) - cu_q[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
     slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
-    slots += positions % block_size
-
-    input_ids = np.zeros(num_tokens, np.int64)
-    pending = [(i, s.pending_row) for i, s in enumerate(steps) if s.pending_row is not None]
-    for row, s in enumerate(steps):
-        known = len(s.token_ids)
-        input_ids[cu_q[row] : cu_q[row] + known] = s.token_ids
-    specs = [s.sample for s in steps if s.sample is not None]
-    banned = [(r, t) for r, spec in enumerate(specs) for t in spec.banned_token_ids]
-    ints = {
-        "input_ids": input_ids,
-        "positions": positions,
-        "slots": slots,
-        "logits_indices": (cu_q[1:] - 1)[[s.sample is not None for s in steps]],
-        "pending_dst": np.array([cu_q[i + 1] - 1 for i, _ in pending], np.int64),
-        "pending_src": np.array([r for _, r in pending], np.int64),
-        "top_k": np.array([spec.params.top_k for spec in specs], np.int64),
-        "seeds": np.array([spec.seed for spec in specs], np.int64),
-        "offsets": np.array([spec.offset for spec in specs], np.int64),
-        "banned_rows": np.array([r for r, _ in banned], np.int64),
-        "banned_tokens": np.array([t for _, t in banned], np.int64),
-    }
-    int32s = {
-        "cu_q": cu_q.astype(np.int32),
-        "seq_lens": seq_lens.astype(np.int32),
-        "tables": tables,
-    }
-    floats = {
-        "temperatures": np.array([spec.params.temperature for spec in specs], np.float32),
-        "top_p": np.array([spec.params.top_p for spec in specs], np.float32),
-        "min_p": np.array([spec.params.min_p for spec in specs], np.float32),
-    }
-    return ints, int32s, floats
+    return positions, slots + positions % block_size
 
 
-def _q_len(step: SeqStep) -> int:
-    return len(step.token_ids) + (step.pending_row is not None)
-
-
-def _leading_decodes(cu_q: np.ndarray) -> int:
-    multi = np.flatnonzero(np.diff(cu_q) != 1)
-    return int(multi[0]) if len(multi) else len(cu_q) - 1
+def _leading_decodes(q_lens: np.ndarray) -> int:
+    multi = np.flatnonzero(q_lens != 1)
+    return int(multi[0]) if len(multi) else len(q_lens)
 
 
 def _copier(device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
@@ -170,14 +208,14 @@ def _copier(device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
     return copy
 
 
-def _split(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-    return dict(zip(sizes, torch.split(flat, list(sizes.values()))))
+def _split(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    sizes = [a.size for a in parts.values()]
+    return dict(zip(parts, torch.split(flat, sizes)))
 
 
 def _sampling(
-    steps: Sequence[SeqStep], views: dict[str, torch.Tensor], floats: torch.Tensor
+    params: list[SamplingParams], views: dict[str, torch.Tensor], floats: torch.Tensor
 ) -> SamplingTensors:
-    params = [s.sample.params for s in steps if s.sample is not None]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingTensors(
         temperatures=floats[0],

@@ -67,20 +67,24 @@ class Request:
     """This request's row among the sampled tokens of step `last_step_id`."""
 
     outputs: list[StreamToken] = field(default_factory=list)
-    text: str = ""
-    """Output text so far, up to (not including) a matched stop string."""
-    num_text_released: int = 0
-    """Characters of `text` already attached to streamed tokens."""
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     first_scheduled_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     waiter: Any = None
-    """The event a reader waits on for new outputs (set by the engine, then dropped)."""
-    _stopped_by_string: bool = False
+    """What a reader waits on for new outputs (set by the engine, then dropped)."""
+    _held: str = ""
+    """Decoded text not streamed yet: it could still be the start of a stop string."""
+    _stop_ids: frozenset[int] = frozenset()
+    _banned: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        stop_ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        self._stop_ids = frozenset(stop_ids)
+        self._banned = tuple(sorted(stop_ids))
 
     # ---- counts ---------------------------------------------------------------------------
 
@@ -105,81 +109,53 @@ class Request:
     def banned_token_ids(self, num_generated: int) -> tuple[int, ...]:
         """Ids the sampler must not draw as output number `num_generated`: stop tokens while
         under min_tokens."""
-        if num_generated >= self.params.min_tokens:
-            return ()
-        banned = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
-            banned |= self.eos_token_ids
-        return tuple(sorted(banned))
+        return self._banned if num_generated < self.params.min_tokens else ()
 
     # ---- outputs --------------------------------------------------------------------------
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> None:
-        """Record a sampled token, decode its text, and finish the request if a rule says so."""
+        """Record a sampled token, decode its text, and finish the request if a rule says so.
+
+        The token's `StreamToken.text` is what may be streamed now: with stop strings, the
+        last (longest stop - 1) characters wait until they cannot start a match any more.
+        """
         self.token_ids.append(token_id)
         self.token_times.append(now)
-        if self.detokenizer is not None:
-            self.text += self.detokenizer.push(token_id)
-        reason = self._stop_reason(token_id)
-        if reason is not None:
-            self.finish_reason = reason
-            if self.detokenizer is not None and not self._stopped_by_string:
-                self.text += self.detokenizer.flush(self.token_ids[self.num_prompt_tokens :])
-        if self.params.logprobs is not None and logprobs is not None:
+        generated = len(self.token_ids) - len(self.prompt_token_ids)
+        text = self._held + (self.detokenizer.push(token_id) if self.detokenizer else "")
+        self._held = ""
+        reason: FinishReason | None = None
+        stop = self.params.stop
+        cut = None
+        if generated >= self.params.min_tokens:
+            if token_id in self._stop_ids:
+                reason = "stop"
+            elif stop and (cut := _find_stop(text, stop)) is not None:
+                text, reason = text[:cut], "stop"
+        if reason is None and generated >= self.max_tokens:
+            reason = "length"
+        if reason is None and stop:
+            split = max(0, len(text) - max(map(len, stop)) + 1)
+            text, self._held = text[:split], text[split:]
+        elif reason is not None and cut is None and self.detokenizer is not None:
+            text += self.detokenizer.flush(self.token_ids[len(self.prompt_token_ids) :])
+        self.finish_reason = reason
+        if logprobs is not None and self.params.logprobs is not None:
             logprobs = TokenLogprobs(logprobs.logprob, logprobs.top[: self.params.logprobs])
         else:
             logprobs = None
-        self.outputs.append(
-            StreamToken(
-                token_id,
-                self._release_text(),
-                self.num_output_tokens - 1,
-                logprobs,
-                self.finish_reason,
-            )
-        )
+        self.outputs.append(StreamToken(token_id, text, generated - 1, logprobs, reason))
 
-    def _stop_reason(self, token_id: int) -> FinishReason | None:
-        if self.num_output_tokens >= self.params.min_tokens:
-            if token_id in self.params.stop_token_ids:
-                return "stop"
-            if not self.params.ignore_eos and token_id in self.eos_token_ids:
-                return "stop"
-            if self.params.stop and self._truncate_at_stop_string():
-                self._stopped_by_string = True
-                return "stop"
-        if self.num_output_tokens >= self.max_tokens:
-            return "length"
-        return None
-
-    def _truncate_at_stop_string(self) -> bool:
-        # Only the tail can hold a new match: text released earlier was already checked.
-        longest = max(len(s) for s in self.params.stop)
-        search_from = max(0, self.num_text_released - longest + 1)
-        found = [i for s in self.params.stop if (i := self.text.find(s, search_from)) >= 0]
-        if not found:
-            return False
-        self.text = self.text[: min(found)]
-        return True
-
-    def _release_text(self) -> str:
-        """Text that is safe to stream now: all of it once finished; otherwise all but a tail
-        that could still turn out to be the start of a stop string."""
-        end = len(self.text)
-        if self.finish_reason is None and self.params.stop:
-            end -= max(len(s) for s in self.params.stop) - 1
-        if end <= self.num_text_released:
-            return ""
-        piece = self.text[self.num_text_released : end]
-        self.num_text_released = end
-        return piece
+    @property
+    def text(self) -> str:
+        """The output text so far: exactly what has been streamed."""
+        return "".join(token.text for token in self.outputs)
 
     def finish(self, reason: FinishReason) -> None:
-        """End the request from outside the stop rules (abort, engine limit)."""
+        """End the request from outside the stop rules (abort); held-back text is dropped,
+        so the final text stays what was streamed."""
         if self.finish_reason is None:
             self.finish_reason = reason
-            # Held-back text never reached a stream; keep text equal to what was streamed.
-            self.text = self.text[: self.num_text_released]
 
     def to_output(self) -> RequestOutput:
         """The final `RequestOutput` (call once finished)."""
@@ -210,3 +186,9 @@ class Request:
             e2e_latency=end - self.arrival_time,
             num_preemptions=self.num_preemptions,
         )
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else None

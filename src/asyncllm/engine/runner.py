@@ -19,7 +19,7 @@ import torch
 from asyncllm.config import EngineConfig
 from asyncllm.context import forward_context
 from asyncllm.engine.cuda_graphs import DecodeGraphs
-from asyncllm.engine.inputs import PreparedStep, SampleSpec, SeqStep, prepare_step
+from asyncllm.engine.inputs import PreparedStep, SampleSpec, SeqStep, StepBatch, prepare_step
 from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
 from asyncllm.layers.attention import PagedAttention
@@ -29,7 +29,15 @@ from asyncllm.model.loader import load_model
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["LaunchedStep", "ModelRunner", "PreparedStep", "SampleSpec", "SeqStep", "StepResult"]
+__all__ = [
+    "LaunchedStep",
+    "ModelRunner",
+    "PreparedStep",
+    "SampleSpec",
+    "SeqStep",
+    "StepBatch",
+    "StepResult",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ class ModelRunner:
             self.max_model_len = self._resolve_max_model_len()
             if cuda and not config.enforce_eager and self.attn_backend.supports_cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs)
+            if cuda:
+                self._warm_up()
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -149,13 +159,27 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.run(self.prepare(steps))
+        self.execute(steps)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         self._bind_kv_cache(0)  # drop the throw-away cache before free memory is read
         torch.cuda.empty_cache()
         logger.info("profiled step of %d tokens: %.1f MiB of activations", num_tokens, peak / 2**20)
         return int(peak)
+
+    def _warm_up(self) -> None:
+        """Run one step of each kind, so kernels compile now and not under the first requests
+        (a JIT compile holds the GIL for a second and stalls the event loop)."""
+        greedy = SampleSpec(SamplingParams(temperature=0), 0, 0)
+        sampled = SampleSpec(SamplingParams(temperature=0.7), 0, 0)
+        blocks = list(range(min(self.num_kv_blocks, 64)))
+        decodes = [SeqStep([1], 20 + i, blocks, greedy) for i in range(3)]
+        prefills = [SeqStep([1] * 37, 0, blocks, sampled), SeqStep([2] * 5, 40, blocks, greedy)]
+        self.execute(decodes + prefills)  # mixed
+        self.execute(prefills)
+        self.execute(decodes)
+        self.execute([SeqStep([1] * 4, 0, blocks, None)])  # a chunk that samples nothing
+        self.kv_cache.zero_()
 
     def _resolve_max_model_len(self) -> int:
         model_limit = self.model_config.max_position_embeddings
@@ -176,16 +200,16 @@ class ModelRunner:
 
     def execute(self, steps: Sequence[SeqStep]) -> StepResult:
         """Prepare, launch and collect one step (the simple synchronous path)."""
-        return self.run(self.prepare(steps))
+        return self.run(self.prepare(StepBatch.from_steps(steps)))
 
     def run(self, prepared: PreparedStep) -> StepResult:
         """Launch a prepared step and wait for its tokens."""
         return self.collect(self.launch(prepared, None))
 
-    def prepare(self, steps: Sequence[SeqStep]) -> PreparedStep:
-        """Turn `steps` into device tensors (enqueued on the runner's stream)."""
+    def prepare(self, batch: StepBatch) -> PreparedStep:
+        """Turn `batch` into device tensors (enqueued on the runner's stream)."""
         with self.on_stream():
-            return prepare_step(steps, self.block_size, self.device, self.attn_backend)
+            return prepare_step(batch, self.block_size, self.device, self.attn_backend)
 
     @torch.inference_mode()
     def launch(self, prepared: PreparedStep, previous: LaunchedStep | None) -> LaunchedStep:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import chain
 from typing import NamedTuple
 
 from asyncllm.engine.block_manager import BlockManager
@@ -64,12 +65,15 @@ class Scheduler:
         picked: dict[Request, int] = {}
         used = 0
         preempted = False
+        decodes: list[tuple[Request, int]] = []
+        prefills: list[tuple[Request, int]] = []
+        for req in self.running:
+            remaining = _remaining(req)
+            if remaining:
+                (decodes if remaining == 1 else prefills).append((req, remaining))
         # Decodes before prefill chunks, so a long prompt being prefilled cannot starve them.
-        for decode_pass in (True, False):
-            for req in list(self.running):
-                remaining = _remaining(req)
-                if remaining == 0 or (remaining == 1) != decode_pass:
-                    continue  # done or preempted earlier in this step, or the other pass's kind
+        for req, remaining in chain(decodes, prefills):
+            if req.status is RequestStatus.RUNNING:  # else preempted earlier in this step
                 count = min(remaining, self.max_num_batched_tokens - used)
                 if count <= 0:
                     break
@@ -132,8 +136,11 @@ class Scheduler:
 
     def after_step(self, step: ScheduledStep) -> None:
         """Register the blocks the finished step filled, so later requests can reuse them."""
+        size = self.blocks.block_size
         for req in step.requests:
-            if req.status is RequestStatus.RUNNING:
+            # Cheap test first: most steps fill no block for most requests.
+            full = min(req.num_computed_tokens, len(req.token_ids)) // size
+            if full > req.num_registered_blocks and req.status is RequestStatus.RUNNING:
                 self.blocks.register_full_blocks(req)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -14,7 +16,46 @@ if TYPE_CHECKING:
     from asyncllm.engine.async_engine import AsyncEngine
     from asyncllm.engine.request import Request
 
-__all__ = ["RequestStream"]
+__all__ = ["RequestStream", "new_waiter_factory"]
+
+
+class _FutureWaiter:
+    """A one-shot wake-up on an asyncio (or uvloop) future: the cheapest primitive there
+    (anyio.Event costs ~4x as much per wake-up, which adds up at 256 streams per step)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: Any) -> None:
+        self._future = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():  # a cancelled reader leaves a cancelled future behind
+            self._future.set_result(None)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._future.__await__()  # type: ignore[no-any-return]
+
+
+class _EventWaiter:
+    """A one-shot wake-up on any other backend (trio), through anyio."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._event.wait().__await__()
+
+
+def new_waiter_factory(native_loop: Any) -> Callable[[], _FutureWaiter | _EventWaiter]:
+    """How streams of an engine running in `native_loop` wait for new tokens."""
+    if hasattr(native_loop, "create_future"):  # asyncio and uvloop
+        return functools.partial(_FutureWaiter, native_loop)
+    return _EventWaiter
 
 
 class RequestStream:
@@ -57,9 +98,9 @@ class RequestStream:
                         f"request {req.request_id} failed: {req.error}"
                     ) from req.error
                 raise StopAsyncIteration
-            waiter = req.waiter = anyio.Event()
+            waiter = req.waiter = self._engine._new_waiter()
             try:
-                await waiter.wait()
+                await waiter
             except BaseException:  # cancelled while waiting: the caller is gone
                 self._engine.abort(req.request_id)
                 raise
