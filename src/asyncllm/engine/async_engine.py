@@ -125,6 +125,7 @@ class AsyncEngine:
         scope.cancel()
         await self._loop_done.wait()
         self._loop_task = None
+        self._core.unload()
         if self._state != "dead":
             self._state = "stopped"
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
+import torch
+
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
@@ -48,6 +50,7 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.runner: ModelRunner | None = None
+        self.attention_backend = ""
         self.num_steps = 0
         self.num_finished = 0
         self._next_step_id = 0
@@ -73,6 +76,7 @@ class EngineCore:
         """Load the weights, allocate the KV pool, and size `max_model_len` (slow: run it off
         the event loop)."""
         self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
+        self.attention_backend = self.runner.attn_backend.name
         self.max_model_len = self.runner.max_model_len
         self.blocks = BlockManager(
             self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
@@ -239,21 +243,29 @@ class EngineCore:
             self._release(req)
         return victims
 
+    def unload(self) -> None:
+        """Drop the model, KV pool and CUDA graphs (the engine has shut down)."""
+        if self.runner is not None:
+            self.attention_backend = self.runner.attn_backend.name
+            self.runner = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the freed memory back to the device
+
     def stats(self) -> EngineStats:
         """A snapshot of queue and KV-pool state."""
-        loaded = self.runner is not None
+        scheduler, blocks = getattr(self, "scheduler", None), getattr(self, "blocks", None)
         return EngineStats(
-            running=len(self.scheduler.running) if loaded else 0,
-            waiting=len(self.scheduler.waiting) if loaded else 0,
-            kv_blocks_total=self.blocks.num_blocks if loaded else 0,
-            kv_blocks_free=self.blocks.num_free_blocks if loaded else 0,
-            kv_blocks_cached=self.blocks.num_cached_blocks if loaded else 0,
-            prefix_cache_queries=self.blocks.query_tokens if loaded else 0,
-            prefix_cache_hit_tokens=self.blocks.hit_tokens if loaded else 0,
+            running=len(scheduler.running) if scheduler else 0,
+            waiting=len(scheduler.waiting) if scheduler else 0,
+            kv_blocks_total=blocks.num_blocks if blocks else 0,
+            kv_blocks_free=blocks.num_free_blocks if blocks else 0,
+            kv_blocks_cached=blocks.num_cached_blocks if blocks else 0,
+            prefix_cache_queries=blocks.query_tokens if blocks else 0,
+            prefix_cache_hit_tokens=blocks.hit_tokens if blocks else 0,
             num_steps=self.num_steps,
-            num_preemptions=self.scheduler.num_preemptions if loaded else 0,
+            num_preemptions=scheduler.num_preemptions if scheduler else 0,
             num_finished=self.num_finished,
-            attention_backend=self.runner.attn_backend.name if self.runner else "",
+            attention_backend=self.attention_backend,
             step_seconds=dict(self.step_seconds),
         )
 

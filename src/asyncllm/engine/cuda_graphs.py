@@ -17,7 +17,8 @@ import torch
 from asyncllm.context import ForwardContext, forward_context
 
 if TYPE_CHECKING:
-    from asyncllm.engine.runner import ModelRunner
+    from asyncllm.kernels.base import AttentionBackend
+    from asyncllm.model.base import CausalLM
 
 __all__ = ["DecodeGraphs", "graph_batch_sizes"]
 
@@ -35,11 +36,20 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode steps for every padded batch size up to `max_num_seqs`."""
 
-    def __init__(self, runner: ModelRunner, max_num_seqs: int) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: AttentionBackend,
+        stream: torch.cuda.Stream,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+    ) -> None:
+        self.model, self.backend, self.stream = model, backend, stream
+        self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
-        device, largest = runner.device, self.sizes[-1]
-        width = -(-runner.max_model_len // runner.block_size)
+        device, largest = stream.device, self.sizes[-1]
+        width = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
@@ -61,15 +71,14 @@ class DecodeGraphs:
             block_tables=self.block_tables[:size],
             logits_indices=self.logits_indices[:size],
             max_seqlen_q=1,
-            max_seqlen_k=self.block_tables.shape[1] * self.runner.block_size,
+            max_seqlen_k=self.block_tables.shape[1] * self.block_size,
             num_decode_seqs=size,
-            attn_backend=self.runner.attn_backend,
+            attn_backend=self.backend,
         )
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        model, stream = self.runner.model, self.runner.stream
-        assert stream is not None
+        model, stream = self.model, self.stream
         pool = None
         for size in reversed(self.sizes):  # largest first: the rest reuse its memory pool
             ctx = self._context(size)

@@ -85,8 +85,19 @@ class ModelRunner:
             self.graphs: DecodeGraphs | None = None
             self.num_kv_blocks = self._allocate_kv_cache()
             self.max_model_len = self._resolve_max_model_len()
-            if cuda and not config.enforce_eager and self.attn_backend.supports_cuda_graphs:
-                self.graphs = DecodeGraphs(self, config.max_num_seqs)
+            if (
+                self.stream is not None
+                and not config.enforce_eager
+                and (self.attn_backend.supports_cuda_graphs)
+            ):
+                self.graphs = DecodeGraphs(
+                    self.model,
+                    self.attn_backend,
+                    self.stream,
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    self.block_size,
+                )
             if cuda:
                 self._warm_up()
 
@@ -132,7 +143,11 @@ class ModelRunner:
         elif self.device.type == "cuda":
             activations = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * self.config.gpu_memory_utilization) - (total - free) - activations
+            # What torch holds in its cache but does not use is ours to take.
+            used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
+            ours = torch.cuda.memory_allocated(self.device)
+            budget = int(total * self.config.gpu_memory_utilization) - used_elsewhere - ours
+            budget -= activations
         else:
             budget = _DEFAULT_CPU_KV_BYTES
         blocks = budget // self.kv_block_bytes
