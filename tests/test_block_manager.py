@@ -171,3 +171,21 @@ def test_a_hash_collision_never_serves_wrong_blocks() -> None:
     impostor = request("b", [9, 9, 9, 9, 9])
     impostor.block_hashes.append(owner.block_hashes[0])  # pretend its first block collides
     assert blocks.cached_prefix(impostor) == []
+
+
+def test_reset_prefix_cache_forgets_everything_cached() -> None:
+    blocks = BlockManager(num_blocks=6, block_size=BLOCK, enable_prefix_caching=True)
+    holder, done = request("a", [1] * 9), request("b", [2] * 9)
+    for req in (holder, done):
+        assert blocks.allocate(req, 9)
+        req.num_computed_tokens = 9
+        blocks.register_full_blocks(req)
+    blocks.free(done)
+    blocks.reset_prefix_cache()
+    assert blocks.num_cached_blocks == 0
+    assert blocks.num_free_blocks == 3
+    assert blocks.cached_prefix(request("a2", [1] * 9)) == []
+    assert blocks.cached_prefix(request("b2", [2] * 9)) == []
+    blocks.check_invariants([holder])
+    blocks.free(holder)
+    assert blocks.num_free_blocks == 6

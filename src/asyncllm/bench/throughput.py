@@ -111,10 +111,15 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
     result: dict[str, Any] = {}
     async with engine:
         await engine.generate_many(prompts[:8], SamplingParams(max_tokens=16))  # warm-up
+        engine.reset_prefix_cache()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        trace = _Trace(engine) if args.trace else None
         result["offline_s"] = await _offline(engine, prompts, params)
+        engine.reset_prefix_cache()  # run (b) must prefill its prompts like run (a)
         result["streams_s"], result["loop_lag"] = await _streams(engine, prompts, params)
+        if trace is not None:
+            result["trace"] = trace.events
         stats = engine.stats()
         runner = engine._core.runner
         assert runner is not None
@@ -131,6 +136,35 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
         if torch.cuda.is_available():
             result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+class _Trace:
+    """Records when each engine phase ran (for `--trace`): [phase, start, end, info]."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.events: list[tuple[str, float, float, Any]] = []
+        core, runner = engine._core, engine._core.runner
+        assert runner is not None
+        core.schedule = self._wrap("schedule", core.schedule, _step_info)  # type: ignore[method-assign]
+        core.process = self._wrap("process", core.process, len)  # type: ignore[method-assign]
+        runner.launch = self._wrap("launch", runner.launch, None)  # type: ignore[method-assign]
+        runner.collect = self._wrap("collect", runner.collect, None)  # type: ignore[method-assign]
+
+    def _wrap(self, phase: str, fn: Any, info: Any) -> Any:
+        def timed(*args: Any) -> Any:
+            start = time.perf_counter()
+            out = fn(*args)
+            self.events.append((phase, start, time.perf_counter(), info(out) if info else None))
+            return out
+
+        return timed
+
+
+def _step_info(scheduled: Any) -> Any:
+    if scheduled is None:
+        return None
+    step, prepared = scheduled
+    return [len(step.requests), sum(step.num_tokens), prepared.ctx.num_decode_seqs]
 
 
 def _transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int,
@@ -173,6 +207,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--trace", default=None, help="write per-phase timestamps (JSON) here")
     p.set_defaults(run=_run)
 
 
@@ -195,6 +230,8 @@ def _run(args: argparse.Namespace) -> int:
         "output_tokens": total_out,
     }
     result |= asyncio.run(_asyncllm(model_dir, prompts, outputs, args))
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(result.pop("trace")))
     result["offline_tok_per_s"] = total_out / result["offline_s"]
     result["streams_tok_per_s"] = total_out / result["streams_s"]
     gc.collect()

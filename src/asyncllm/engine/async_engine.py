@@ -254,6 +254,14 @@ class AsyncEngine:
         """Queue sizes, KV-pool usage and prefix-cache counters right now."""
         return self._core.stats()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use are not affected).
+
+        Useful between benchmark runs, or after changing something that makes old K/V stale.
+        """
+        self._check_usable()
+        self._core.blocks.reset_prefix_cache()
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
@@ -295,7 +303,12 @@ class AsyncEngine:
                 step, prepared = scheduled
                 previous = in_flight[-1][1] if in_flight else None
                 with clock("launch"):
-                    launched = await self._on_worker(runner.launch, prepared, previous)
+                    if runner.launches_cheaply(prepared):
+                        # A graph replay only enqueues device work: launching it right here
+                        # avoids handing the GIL to the worker thread and back.
+                        launched = runner.launch(prepared, previous)
+                    else:
+                        launched = await self._on_worker(runner.launch, prepared, previous)
                 in_flight.append((step, launched))
             elif in_flight:
                 step, launched = in_flight.popleft()

@@ -196,6 +196,16 @@ class BlockManager:
             self._by_hash[block.hash] = block.block_id
         req.num_registered_blocks = num_full
 
+    def reset_prefix_cache(self) -> None:
+        """Forget all cached content: unreferenced cached blocks become plain free blocks;
+        blocks in use stay with their requests but are no longer findable."""
+        for block_id in self._cached:
+            self._forget(self.blocks[block_id])
+            self._free.append(block_id)
+        self._cached.clear()
+        for block_id in list(self._by_hash.values()):
+            self._forget(self.blocks[block_id])
+
     def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         self.query_tokens += num_query_tokens
         self.hit_tokens += num_hit_tokens

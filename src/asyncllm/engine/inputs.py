@@ -21,7 +21,7 @@ from asyncllm.kernels.base import AttentionBackend
 from asyncllm.layers.sampler import SamplingTensors
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
+__all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
 
 
 class SampleSpec(NamedTuple):
@@ -113,10 +113,56 @@ class PreparedStep(NamedTuple):
     sampling: SamplingTensors
 
 
+class PinnedStaging:
+    """Reused pinned host buffers for host-to-device copies.
+
+    Pinning memory is slow (and can synchronise the device), so each copy goes through one
+    of a ring of buffers that only grows. A buffer is reused once the copy that last read it
+    has run (its event has fired): with a ring longer than the steps in flight that never
+    waits in practice.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 12) -> None:
+        self.device = device
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._events: list[torch.cuda.Event | None] = [None] * slots
+        self._next = 0
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        """`array` on the device (the copy is enqueued on the current stream)."""
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        event = self._events[slot]
+        if event is not None:
+            event.synchronize()
+        nbytes = max(array.nbytes, 1)
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8, pin_memory=True)
+            self._buffers[slot] = buffer
+        staged = buffer[: array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
+        staged.numpy()[...] = array
+        on_device = staged.to(self.device, non_blocking=True)
+        self._events[slot] = event = event or torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        return on_device
+
+
+_TORCH_DTYPES = {
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.float32): torch.float32,
+}
+
+
 def prepare_step(
-    batch: StepBatch, block_size: int, device: torch.device, backend: AttentionBackend
+    batch: StepBatch,
+    block_size: int,
+    device: torch.device,
+    backend: AttentionBackend,
+    staging: PinnedStaging | None = None,
 ) -> PreparedStep:
-    """Device tensors for `batch`."""
+    """Device tensors for `batch` (through `staging` on CUDA)."""
     q_lens = np.array(batch.q_lens, np.int64)
     seq_lens = np.array(batch.starts, np.int64) + q_lens
     cu_q = np.zeros(len(q_lens) + 1, np.int64)
@@ -141,7 +187,7 @@ def prepare_step(
               "tables": tables.ravel()}  # fmt: skip
     floats = [np.fromiter((getattr(p, name) for p in params), np.float32, len(params))
               for name in ("temperature", "top_p", "min_p")]  # fmt: skip
-    to_device = _copier(device)
+    to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _split(to_device(np.concatenate(list(ints.values()))), ints)
     views32 = _split(to_device(np.concatenate(list(int32s.values()))), int32s)
     f32 = to_device(np.stack(floats))
@@ -194,18 +240,6 @@ def _positions_and_slots(
 def _leading_decodes(q_lens: np.ndarray) -> int:
     multi = np.flatnonzero(q_lens != 1)
     return int(multi[0]) if len(multi) else len(q_lens)
-
-
-def _copier(device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
-    if device.type == "cpu":
-        return torch.from_numpy
-
-    def copy(array: np.ndarray) -> torch.Tensor:
-        # Pinned staging: the copy is asynchronous, and the caching host allocator keeps the
-        # buffer alive until the copy has run.
-        return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
-
-    return copy
 
 
 def _split(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,14 @@ import torch
 from asyncllm.config import EngineConfig
 from asyncllm.context import forward_context
 from asyncllm.engine.cuda_graphs import DecodeGraphs
-from asyncllm.engine.inputs import PreparedStep, SampleSpec, SeqStep, StepBatch, prepare_step
+from asyncllm.engine.inputs import (
+    PinnedStaging,
+    PreparedStep,
+    SampleSpec,
+    SeqStep,
+    StepBatch,
+    prepare_step,
+)
 from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
 from asyncllm.layers.attention import PagedAttention
@@ -72,6 +79,7 @@ class ModelRunner:
         self.block_size = config.block_size
         cuda = self.device.type == "cuda"
         self.stream = _new_stream(self.device) if cuda else None
+        self.staging = PinnedStaging(self.device) if cuda else None
         with self.on_stream():
             self.model = load_model(model_dir, model_config, self.device, self.dtype)
             self.attn_backend = create_attention_backend(
@@ -224,7 +232,9 @@ class ModelRunner:
     def prepare(self, batch: StepBatch) -> PreparedStep:
         """Turn `batch` into device tensors (enqueued on the runner's stream)."""
         with self.on_stream():
-            return prepare_step(batch, self.block_size, self.device, self.attn_backend)
+            return prepare_step(
+                batch, self.block_size, self.device, self.attn_backend, self.staging
+            )
 
     @torch.inference_mode()
     def launch(self, prepared: PreparedStep, previous: LaunchedStep | None) -> LaunchedStep:
@@ -246,6 +256,11 @@ class ModelRunner:
             done = _new_event()
             done.record(self.stream)
             return LaunchedStep(out.token_ids, host, done)
+
+    def launches_cheaply(self, prepared: PreparedStep) -> bool:
+        """Whether `launch` is a graph replay (microseconds of CPU, fine on any thread) rather
+        than an eager forward pass (milliseconds of Python: keep it off the event loop)."""
+        return self.graphs is not None and self.graphs.fits(prepared.ctx)
 
     def _logits(self, prepared: PreparedStep, input_ids: torch.Tensor) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(prepared.ctx):
