@@ -145,10 +145,36 @@ class _Trace:
         self.events: list[tuple[str, float, float, Any]] = []
         core, runner = engine._core, engine._core.runner
         assert runner is not None
+        self.stream = runner.stream
+        self.pending: list[tuple[Any, Any]] = []
         core.schedule = self._wrap("schedule", core.schedule, _step_info)  # type: ignore[method-assign]
         core.process = self._wrap("process", core.process, len)  # type: ignore[method-assign]
-        runner.launch = self._wrap("launch", runner.launch, None)  # type: ignore[method-assign]
-        runner.collect = self._wrap("collect", runner.collect, None)  # type: ignore[method-assign]
+        runner.launch = self._gpu_timed(self._wrap("launch", runner.launch, None))  # type: ignore[method-assign]
+        runner.collect = self._wrap("collect", runner.collect, self._gpu_ms)  # type: ignore[method-assign]
+
+    def _gpu_timed(self, launch: Any) -> Any:
+        """Brackets each launch with timing events on the engine's stream."""
+
+        def timed(*args: Any) -> Any:
+            if self.stream is None:
+                return launch(*args)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record(self.stream)
+            out = launch(*args)
+            end.record(self.stream)
+            self.pending.append((start, end))
+            return out
+
+        return timed
+
+    def _gpu_ms(self, _: Any) -> float | None:
+        """Device time of the oldest launched step (collect goes in launch order)."""
+        if not self.pending:
+            return None
+        start, end = self.pending.pop(0)
+        end.synchronize()
+        return float(start.elapsed_time(end))
 
     def _wrap(self, phase: str, fn: Any, info: Any) -> Any:
         def timed(*args: Any) -> Any:

@@ -49,7 +49,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
         device, largest = stream.device, self.sizes[-1]
-        width = -(-max_model_len // block_size)
+        width = -(-max_model_len // block_size // 16) * 16  # as StepBatch rounds it
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)

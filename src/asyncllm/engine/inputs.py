@@ -188,8 +188,8 @@ def prepare_step(
     floats = [np.fromiter((getattr(p, name) for p in params), np.float32, len(params))
               for name in ("temperature", "top_p", "min_p")]  # fmt: skip
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
-    views = _split(to_device(np.concatenate(list(ints.values()))), ints)
-    views32 = _split(to_device(np.concatenate(list(int32s.values()))), int32s)
+    views = _unpack(to_device(_pack(ints)), ints)
+    views32 = _unpack(to_device(_pack(int32s)), int32s)
     f32 = to_device(np.stack(floats))
     ctx = ForwardContext(
         positions=views["positions"],
@@ -215,11 +215,12 @@ def prepare_step(
 
 
 def _block_tables(rows: list[Sequence[int]]) -> np.ndarray:
-    """[B, longest] int32, zero-padded, filled in one vectorised scatter."""
+    """[B, W] int32, zero-padded, filled in one vectorised scatter; W is the longest row
+    rounded up to 16, so the row stride (which kernels specialise on) rarely changes."""
     lens = np.fromiter(map(len, rows), np.int64, len(rows))
     total = int(lens.sum())
     flat = np.fromiter(chain.from_iterable(rows), np.int32, total)
-    tables = np.zeros((len(rows), int(lens.max(initial=1))), np.int32)
+    tables = np.zeros((len(rows), _round_up(int(lens.max(initial=1)), 16)), np.int32)
     row_of = np.repeat(np.arange(len(rows)), lens)
     col_of = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
     tables[row_of, col_of] = flat
@@ -242,9 +243,33 @@ def _leading_decodes(q_lens: np.ndarray) -> int:
     return int(multi[0]) if len(multi) else len(q_lens)
 
 
-def _split(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    sizes = [a.size for a in parts.values()]
-    return dict(zip(parts, torch.split(flat, sizes)))
+_ALIGN_BYTES = 16
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pack(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Concatenate `parts` (one dtype), each starting 16-byte aligned: Triton specialises
+    kernels on pointer alignment, and misaligned views would recompile them mid-run."""
+    step = _ALIGN_BYTES // next(iter(parts.values())).itemsize
+    sizes = [_round_up(a.size, step) for a in parts.values()]
+    flat = np.zeros(sum(sizes), next(iter(parts.values())).dtype)
+    start = 0
+    for array, size in zip(parts.values(), sizes):
+        flat[start : start + array.size] = array.ravel()
+        start += size
+    return flat
+
+
+def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    step = _ALIGN_BYTES // flat.element_size()
+    views, start = {}, 0
+    for name, array in parts.items():
+        views[name] = flat[start : start + array.size]
+        start += _round_up(array.size, step)
+    return views
 
 
 def _sampling(
