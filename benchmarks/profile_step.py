@@ -1,0 +1,70 @@
+"""Where a decode step's device time goes: torch.profiler over eager and graphed steps.
+
+    python benchmarks/profile_step.py --batch 16 --context 1900
+
+Uses the random Qwen3-0.6B-shaped model (written on first use), hand-made block tables, and
+the engine's own runner, then prints the kernels that take the most device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from asyncllm.bench.model import write_random_qwen3
+from asyncllm.config import EngineConfig
+from asyncllm.engine.runner import ModelRunner, SampleSpec, SeqStep
+from asyncllm.model.config import ModelConfig
+from asyncllm.sampling import SamplingParams
+
+
+def decode_steps(batch: int, context: int, block_size: int, blocks: int) -> list[SeqStep]:
+    rng = random.Random(0)
+    per_seq = -(-(context + 1) // block_size)
+    ids = list(range(blocks))
+    rng.shuffle(ids)
+    spec = SampleSpec(SamplingParams(temperature=0.6), 0, 0)
+    return [SeqStep([rng.randrange(1000)], context, ids[i * per_seq : (i + 1) * per_seq], spec)
+            for i in range(batch)]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=1900)
+    parser.add_argument("--rows", type=int, default=25, help="kernels to print")
+    args = parser.parse_args()
+    model_dir = write_random_qwen3(Path(tempfile.gettempdir()) / "asyncllm-qwen3-0.6b-random")
+    for eager in (True, False):
+        config = EngineConfig(model=str(model_dir), num_kv_blocks=20000, enforce_eager=eager,
+                              max_num_seqs=256)  # fmt: skip
+        runner = ModelRunner(model_dir, ModelConfig.from_dir(model_dir), config)
+        steps = decode_steps(args.batch, args.context, config.block_size, 20000)
+        for _ in range(3):
+            runner.execute(steps)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(runner.stream)
+        for _ in range(10):
+            runner.execute(steps)
+        end.record(runner.stream)
+        end.synchronize()
+        label = "eager" if eager else "graphs"
+        print(f"\n{label}: {start.elapsed_time(end) / 10:.3f} ms per step "
+              f"(batch {args.batch}, context {args.context})")  # fmt: skip
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                runner.execute(steps)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+        del runner
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
