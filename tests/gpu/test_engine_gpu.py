@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from asyncllm import AsyncEngine, EngineStats, SamplingParams
-from asyncllm.layers.sampler import Sampler, SamplingTensors
 from tests.models import TINY_MODEL_DIR, load_reference, reference_greedy, write_random_model
 
 pytestmark = [
@@ -141,23 +140,3 @@ def test_kv_pool_is_sized_from_free_memory(gpu_model_dir: Path) -> None:
     free, total = torch.cuda.mem_get_info()
     assert engine.stats().kv_blocks_total > 1000
     assert total - free <= 0.55 * total  # the engine stayed within its share (and a margin)
-
-
-def test_fused_sampling_kernel_draws_what_the_torch_path_draws() -> None:
-    rows, vocab = 512, 32_000
-    logits = torch.randn(rows, vocab, device="cuda") * 3
-    params = SamplingTensors(
-        temperatures=torch.full((rows,), 0.7, device="cuda"),
-        top_k=torch.zeros(rows, dtype=torch.long, device="cuda"),
-        top_p=torch.ones(rows, device="cuda"),
-        min_p=torch.zeros(rows, device="cuda"),
-        seeds=torch.arange(rows, device="cuda") * 31 + 5,
-        offsets=torch.arange(rows, device="cuda") % 17,
-        banned_rows=torch.empty(0, dtype=torch.long, device="cuda"),
-        banned_tokens=torch.empty(0, dtype=torch.long, device="cuda"),
-        all_greedy=False, any_top_k_top_p=False, any_min_p=False, num_logprobs=-1,
-    )  # fmt: skip
-    fused = Sampler()(logits, params).token_ids.cpu()
-    cpu_params = SamplingTensors(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in params))
-    reference = Sampler()(logits.cpu(), cpu_params).token_ids
-    assert (fused == reference).float().mean() >= 0.999

@@ -297,6 +297,9 @@ class AsyncEngine:
         in_flight: deque[tuple[ScheduledStep, LaunchedStep]] = deque()
         clock = self._core.clock
         while True:
+            # Yield between phases, so no burst of this loop's CPU work delays other tasks of
+            # the event loop for long.
+            await anyio.lowlevel.checkpoint()
             with clock("schedule"):
                 scheduled = self._core.schedule() if len(in_flight) < depth else None
             if scheduled is not None:

@@ -6,15 +6,17 @@ imports Triton or flash-attn.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+from types import ModuleType
 
 import torch
 
 from asyncllm.errors import ConfigError
 from asyncllm.kernels.base import AttentionBackend
 
-__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "create_attention_backend"]
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "create_attention_backend", "fused_ops"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +72,18 @@ def create_attention_backend(
         raise ConfigError(f"attention_backend {name!r} cannot run here: {reason}")
     logger.info("attention backend: %s", name)
     return backend()
+
+
+def fused_ops(tensor: torch.Tensor) -> ModuleType | None:
+    """The fused Triton kernels (`triton_fused`) when `tensor` lives on CUDA and Triton
+    imports; None means: use the plain torch ops."""
+    return _fused_module() if tensor.is_cuda else None
+
+
+@functools.cache
+def _fused_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("asyncllm.kernels.triton_fused")
+    except ImportError:
+        logger.info("Triton is not importable: layers use unfused torch ops")
+        return None

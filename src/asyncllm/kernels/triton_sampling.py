@@ -31,7 +31,8 @@ def _gumbel_argmax_kernel(
     seed = tl.load(seeds_ptr + row)
     offset = tl.load(offsets_ptr + row)
     temp = tl.load(temps_ptr + row)
-    temp = tl.where(temp == 0.0, 1.0, temp)
+    greedy = temp == 0.0  # argmax of the raw logits: no noise, no scaling
+    temp = tl.where(greedy, 1.0, temp)
     key = _mix32(((seed ^ (seed >> 32)) & 0xFFFFFFFF).to(tl.uint32))
     salt = _mix32(((offset * 0x9E3779B1 + 0x632BE5AB) & 0xFFFFFFFF).to(tl.uint32))
     key = _mix32(key ^ salt)
@@ -43,7 +44,7 @@ def _gumbel_argmax_kernel(
         logit = tl.load(logits_ptr + row * stride + index, mask=inside, other=float("-inf"))
         bits = _mix32(_mix32(key ^ (index.to(tl.uint32) * 0x85EBCA77)) ^ key)
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        score = logit.to(tl.float32) / temp - tl.log(-tl.log(u))
+        score = logit.to(tl.float32) / temp - tl.where(greedy, 0.0, tl.log(-tl.log(u)))
         better = score > best  # strict: the first index wins a tie, as torch.argmax
         best = tl.where(better, score, best)
         best_index = tl.where(better, index, best_index)
@@ -55,7 +56,8 @@ def _gumbel_argmax_kernel(
 def gumbel_argmax(
     logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
-    """One draw per row from softmax(logits / temperature), keyed by (seed, offset)."""
+    """One draw per row from softmax(logits / temperature), keyed by (seed, offset); rows
+    with temperature 0 get their exact argmax."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asyncllm.kernels import fused_ops
+
 __all__ = ["RMSNorm"]
 
 
@@ -30,6 +32,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        fused = fused_ops(x)
+        if fused is not None:  # one kernel instead of ~9 small ones
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.eps)  # type: ignore[no-any-return]
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)  # type: ignore[no-any-return]
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -48,29 +48,31 @@ class Sampler(nn.Module):
     """Turns logits [S, V] into one token per row under per-row `SamplingTensors`."""
 
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
-        logits = logits.float()
         if params.banned_rows.numel():
+            logits = logits.clone()  # the logits may be a CUDA graph's output buffer
             logits[params.banned_rows, params.banned_tokens] = float("-inf")
-        greedy = logits.argmax(dim=-1)
-        if params.all_greedy:
-            tokens = greedy
+        if logits.is_cuda and not (params.any_top_k_top_p or params.any_min_p):
+            # One fused pass over the logits serves greedy and temperature rows alike.
+            from asyncllm.kernels.triton_sampling import gumbel_argmax
+
+            tokens = gumbel_argmax(logits, params.temperatures, params.seeds, params.offsets)
         else:
-            sampled = _sample(logits, params)
-            tokens = torch.where(params.temperatures == 0, greedy, sampled)
+            logits = logits.float()
+            greedy = logits.argmax(dim=-1)
+            if params.all_greedy:
+                tokens = greedy
+            else:
+                tokens = torch.where(params.temperatures == 0, greedy, _sample(logits, params))
         if params.num_logprobs < 0:
             return SamplerOutput(tokens, None, None, None)
         # Logprobs of the model's own distribution (before temperature and filters), as in vLLM.
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         top_logprobs, top_ids = logp.topk(params.num_logprobs, dim=-1)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
 
 
 def _sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    if logits.is_cuda and not (params.any_top_k_top_p or params.any_min_p):
-        from asyncllm.kernels.triton_sampling import gumbel_argmax
-
-        return gumbel_argmax(logits, params.temperatures, params.seeds, params.offsets)
     temperatures = torch.where(params.temperatures == 0, 1.0, params.temperatures)
     scores = logits / temperatures[:, None]
     if params.any_top_k_top_p:

@@ -7,6 +7,8 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
+from asyncllm.context import current_forward_context
+from asyncllm.kernels import fused_ops
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.embedding import LMHead
@@ -36,13 +38,27 @@ class Qwen3Attention(nn.Module):
         self.attn = PagedAttention(heads, kv_heads, dim, scale=dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = self.q_norm(q.reshape(-1, self.heads, self.dim))
-        k = self.k_norm(k.reshape(-1, self.kv_heads, self.dim))
-        q, k = self.rotary(q, k)
-        out = self.attn(q, k, v.reshape(-1, self.kv_heads, self.dim))
+        qkv = self.qkv_proj(x)
+        q, k = self._normed_rotated_qk(qkv)
+        v = self.qkv_proj.split(qkv)[2].view(-1, self.kv_heads, self.dim)
+        out = self.attn(q, k, v)
         projected: torch.Tensor = self.o_proj(out.flatten(1))
         return projected
+
+    def _normed_rotated_qk(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head RMSNorm of q and k, then rotary: one fused kernel on CUDA."""
+        fused = fused_ops(qkv)
+        if fused is not None:
+            return fused.qk_norm_rope(  # type: ignore[no-any-return]
+                qkv, self.heads, self.kv_heads, self.dim, self.q_norm.weight,
+                self.k_norm.weight, self.q_norm.eps, self.rotary.cos, self.rotary.sin,
+                current_forward_context().positions,
+            )  # fmt: skip
+        q, k, _ = self.qkv_proj.split(qkv)
+        q = self.q_norm(q.reshape(-1, self.heads, self.dim))
+        k = self.k_norm(k.reshape(-1, self.kv_heads, self.dim))
+        rotated: tuple[torch.Tensor, torch.Tensor] = self.rotary(q, k)
+        return rotated
 
 
 class Qwen3MLP(nn.Module):

@@ -1,0 +1,155 @@
+# Triton kernels take untyped pointers and scalars, and triton.jit is an untyped decorator.
+# mypy: disable-error-code="no-untyped-def, untyped-decorator"
+"""Fused elementwise kernels for the decoder layer on CUDA.
+
+Unfused, a layer's small ops (RMSNorm with its residual add, q/k RMSNorm, rotary, SiLU-and-mul,
+dtype casts) are ~50 kernels of 1-3 us each: at decode batch sizes that is several
+milliseconds per step, more than the GEMMs. Each function here does one of those groups in one
+pass, computing in float32 and rounding once to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["add_rms_norm", "qk_norm_rope", "rms_norm", "silu_and_mul"]
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, stride_x, stride_r, eps, size,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < size
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like a torch add
+        tl.store(new_residual_ptr + row * size + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x32 * x32, axis=0) / size + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    normed = (x32 * inv).to(x.dtype).to(tl.float32)  # cast before scaling, as transformers
+    tl.store(out_ptr + row * size + cols, (normed * w.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    size = x.shape[-1]
+    x2 = x.reshape(-1, size)
+    out = torch.empty_like(x2)
+    new_residual = torch.empty_like(x2) if residual is not None else None
+    r2 = residual.reshape(-1, size) if residual is not None else x2
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out, new_residual if new_residual is not None else out,
+            x2.stride(0), r2.stride(0), eps, size,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(size),
+            num_warps=4 if size <= 2048 else 8,
+        )  # fmt: skip
+    return out.view(x.shape), None if new_residual is None else new_residual.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dimension."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * RMSNorm(x + residual), x + residual)."""
+    out, new_residual = _norm(x, residual, weight, eps)
+    assert new_residual is not None
+    return out, new_residual
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, positions_ptr, q_out_ptr, k_out_ptr,
+    stride_qkv, eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    half = HALF
+    cols = tl.arange(0, HALF)
+    is_q = head < NUM_Q_HEADS
+    # q heads then k heads are contiguous in the packed qkv row.
+    src = qkv_ptr + token * stride_qkv + head * HEAD_DIM
+    lo = tl.load(src + cols)
+    hi = tl.load(src + half + cols)
+    dtype = lo.dtype
+    lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+    inv = tl.rsqrt((tl.sum(lo32 * lo32, axis=0) + tl.sum(hi32 * hi32, axis=0)) / HEAD_DIM + eps)
+    if is_q:
+        w_lo = tl.load(q_weight_ptr + cols).to(tl.float32)
+        w_hi = tl.load(q_weight_ptr + half + cols).to(tl.float32)
+    else:
+        w_lo = tl.load(k_weight_ptr + cols).to(tl.float32)
+        w_hi = tl.load(k_weight_ptr + half + cols).to(tl.float32)
+    lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo).to(dtype).to(tl.float32)
+    hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi).to(dtype).to(tl.float32)
+    position = tl.load(positions_ptr + token)
+    cos = tl.load(cos_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
+    sin = tl.load(sin_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
+    out_lo = (lo32 * cos - hi32 * sin).to(dtype)
+    out_hi = (hi32 * cos + lo32 * sin).to(dtype)
+    if is_q:
+        dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
+    else:
+        dst = k_out_ptr + (token * NUM_KV_HEADS + head - NUM_Q_HEADS) * HEAD_DIM
+    tl.store(dst + cols, out_lo)
+    tl.store(dst + half + cols, out_hi)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-head RMSNorm then rotary of the q and k parts of a packed qkv [T, (Hq+2Hkv)*D].
+
+    `cos`/`sin` are [max_position, D] tables (float32); returns contiguous q [T, Hq, D] and
+    k [T, Hkv, D].
+    """
+    tokens = qkv.shape[0]
+    q = torch.empty(tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if tokens:
+        _qk_norm_rope_kernel[(tokens, num_q_heads + num_kv_heads)](
+            qkv, q_weight, k_weight, cos, sin, positions, q, k, qkv.stride(0), eps,
+            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            HALF=head_dim // 2, num_warps=1,
+        )  # fmt: skip
+    return q, k
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, size, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < size
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + size + cols, mask=mask, other=0.0)
+    g32 = gate.to(tl.float32)
+    # silu rounded to the dtype first, then the product: the two torch ops' roundings.
+    silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * size + cols, (silu * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] for x [..., 2d]."""
+    size = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * size)
+    out = torch.empty(x2.shape[0], size, dtype=x.dtype, device=x.device)
+    block = 1024
+    if x2.shape[0]:
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(size, block))](
+            x2, out, x2.stride(0), size, BLOCK=block, num_warps=4
+        )
+    return out.view(*x.shape[:-1], size)

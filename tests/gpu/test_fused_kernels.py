@@ -1,0 +1,89 @@
+"""The fused Triton kernels (norms, q/k norm + rotary, SiLU-and-mul, sampling) against the
+plain torch ops they replace, on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from asyncllm.kernels import triton_fused as fused  # noqa: E402
+from asyncllm.kernels.triton_sampling import gumbel_argmax  # noqa: E402
+from asyncllm.layers.rotary import RotaryEmbedding, _rotate  # noqa: E402
+from asyncllm.layers.sampler import Sampler, SamplingTensors  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert err <= TOLERANCE[ref.dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 1024), (37, 1024), (300, 4096), (5, 96)])
+def test_add_rms_norm_matches_torch(dtype: torch.dtype, tokens: int, hidden: int) -> None:
+    x, r = (torch.randn(tokens, hidden, device="cuda", dtype=dtype) for _ in range(2))
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    out, residual = fused.add_rms_norm(x, r, w, 1e-6)
+    close(residual, x + r)
+    close(out, rms_norm_reference(x + r, w, 1e-6))
+    close(fused.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 128), (8, 2, 64), (4, 4, 32)])
+def test_qk_norm_rope_matches_torch(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int
+) -> None:
+    tokens = 23
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=dtype)
+    qw, kw = (torch.randn(dim, device="cuda", dtype=dtype) for _ in range(2))
+    rotary = RotaryEmbedding(dim, 4096, 1e6).cuda()
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    cos = rotary.cos[positions].to(dtype)[:, None]
+    sin = rotary.sin[positions].to(dtype)[:, None]
+    want_q = _rotate(rms_norm_reference(q.reshape(tokens, heads, dim), qw, 1e-6), cos, sin)
+    want_k = _rotate(rms_norm_reference(k.reshape(tokens, kv_heads, dim), kw, 1e-6), cos, sin)
+    got_q, got_k = fused.qk_norm_rope(qkv, heads, kv_heads, dim, qw, kw, 1e-6,
+                                      rotary.cos, rotary.sin, positions)  # fmt: skip
+    close(got_q, want_q)
+    close(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2 * 3072), (256, 2 * 3072), (7, 2 * 100)])
+def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    gate, up = x.chunk(2, dim=-1)
+    close(fused.silu_and_mul(x), F.silu(gate) * up)
+
+
+def test_fused_sampling_draws_what_the_torch_path_draws() -> None:
+    rows, vocab = 512, 32_000
+    logits = torch.randn(rows, vocab, device="cuda") * 3
+    temps = torch.where(torch.arange(rows, device="cuda") % 4 == 0, 0.0, 0.7)
+    seeds = torch.arange(rows, device="cuda") * 31 + 5
+    offsets = torch.arange(rows, device="cuda") % 17
+    fused_tokens = gumbel_argmax(logits, temps, seeds, offsets).cpu()
+    params = SamplingTensors(
+        temps.cpu(), torch.zeros(rows, dtype=torch.long), torch.ones(rows), torch.zeros(rows),
+        seeds.cpu(), offsets.cpu(), torch.empty(0, dtype=torch.long),
+        torch.empty(0, dtype=torch.long), False, False, False, -1,
+    )  # fmt: skip
+    reference = Sampler()(logits.cpu(), params).token_ids
+    assert (fused_tokens == reference).float().mean() >= 0.999
+    assert torch.equal(fused_tokens[::4], logits[::4].argmax(-1).cpu())  # greedy rows exact
