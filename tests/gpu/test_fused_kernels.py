@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from asyncllm.kernels import triton_fused as fused  # noqa: E402
-from asyncllm.kernels.triton_sampling import gumbel_argmax  # noqa: E402
-from asyncllm.layers.rotary import RotaryEmbedding, _rotate  # noqa: E402
-from asyncllm.layers.sampler import Sampler, SamplingTensors  # noqa: E402
+from asyncllm.kernels import triton_fused as fused
+from asyncllm.kernels.triton_sampling import gumbel_argmax
+from asyncllm.layers.rotary import RotaryEmbedding, _rotate
+from asyncllm.layers.sampler import Sampler, SamplingTensors
 
 pytestmark = [
     pytest.mark.gpu,
