@@ -57,8 +57,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1900)
     parser.add_argument("--rows", type=int, default=25, help="kernels to print")
     parser.add_argument("--spread", action="store_true", help="vary contexts in the batch")
-    parser.add_argument("--sweep-splits", action="store_true",
-                        help="time decode attention for several programs_per_sm settings")  # fmt: skip
+    parser.add_argument(
+        "--sweep-splits", action="store_true", help="time decode attention per programs_per_sm"
+    )
     args = parser.parse_args()
     model_dir = write_random_qwen3(Path(tempfile.gettempdir()) / "asyncllm-qwen3-0.6b-random")
     for eager in (True, False):
