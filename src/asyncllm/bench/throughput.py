@@ -110,7 +110,8 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
               for n in outputs]  # fmt: skip
     result: dict[str, Any] = {}
     async with engine:
-        await engine.generate_many(prompts[:8], SamplingParams(max_tokens=16))  # warm-up
+        # Warm-up with real prompt lengths: full-size prefill chunks allocate their memory now.
+        await engine.generate_many(prompts[:16], SamplingParams(max_tokens=8))
         engine.reset_prefix_cache()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

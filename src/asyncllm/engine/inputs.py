@@ -122,9 +122,11 @@ class PinnedStaging:
     waits in practice.
     """
 
-    def __init__(self, device: torch.device, slots: int = 12) -> None:
+    def __init__(self, device: torch.device, slots: int = 12, slot_bytes: int = 1 << 16) -> None:
         self.device = device
-        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._buffers: list[torch.Tensor | None] = [
+            torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)
+        ]
         self._events: list[torch.cuda.Event | None] = [None] * slots
         self._next = 0
 

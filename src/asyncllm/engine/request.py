@@ -66,7 +66,12 @@ class Request:
     sample_row: int = -1
     """This request's row among the sampled tokens of step `last_step_id`."""
 
-    outputs: list[StreamToken] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    """Streamable text of each generated token. Outputs are kept as plain ints and strs (not
+    one object per token): objects the garbage collector tracks, accumulating by the hundred
+    thousand, would trigger full collections that stall the event loop for 100s of ms."""
+    token_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    """Per generated token, only when the request asked for logprobs."""
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     first_scheduled_time: float | None = None
@@ -140,16 +145,32 @@ class Request:
         elif reason is not None and cut is None and self.detokenizer is not None:
             text += self.detokenizer.flush(self.token_ids[len(self.prompt_token_ids) :])
         self.finish_reason = reason
-        if logprobs is not None and self.params.logprobs is not None:
-            logprobs = TokenLogprobs(logprobs.logprob, logprobs.top[: self.params.logprobs])
-        else:
-            logprobs = None
-        self.outputs.append(StreamToken(token_id, text, generated - 1, logprobs, reason))
+        self.pieces.append(text)
+        if self.params.logprobs is not None:
+            if logprobs is not None:
+                logprobs = TokenLogprobs(logprobs.logprob, logprobs.top[: self.params.logprobs])
+            self.token_logprobs.append(logprobs)
+
+    @property
+    def num_streamable(self) -> int:
+        """Generated tokens whose `StreamToken` can be read."""
+        return len(self.pieces)
+
+    def stream_token(self, index: int) -> StreamToken:
+        """The `StreamToken` of generated token `index` (built on demand)."""
+        last = index == len(self.pieces) - 1
+        return StreamToken(
+            token_id=self.token_ids[len(self.prompt_token_ids) + index],
+            text=self.pieces[index],
+            index=index,
+            logprobs=self.token_logprobs[index] if self.token_logprobs else None,
+            finish_reason=self.finish_reason if last else None,
+        )
 
     @property
     def text(self) -> str:
         """The output text so far: exactly what has been streamed."""
-        return "".join(token.text for token in self.outputs)
+        return "".join(self.pieces)
 
     def finish(self, reason: FinishReason) -> None:
         """End the request from outside the stop rules (abort); held-back text is dropped,
@@ -162,7 +183,7 @@ class Request:
         assert self.finish_reason is not None, "to_output() before the request finished"
         logprobs = None
         if self.params.logprobs is not None:
-            logprobs = [t.logprobs for t in self.outputs if t.logprobs is not None]
+            logprobs = [lp for lp in self.token_logprobs if lp is not None]
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_token_ids),

@@ -79,7 +79,10 @@ class ModelRunner:
         self.block_size = config.block_size
         cuda = self.device.type == "cuda"
         self.stream = _new_stream(self.device) if cuda else None
-        self.staging = PinnedStaging(self.device) if cuda else None
+        # Sized for the largest step, so pinned memory is allocated once, not mid-run.
+        self.staging = PinnedStaging(self.device, slot_bytes=1 << 20) if cuda else None
+        self._host_tokens = [_pinned_tokens(config.max_num_seqs) for _ in range(4)] if cuda else []
+        self._next_host = 0
         with self.on_stream():
             self.model = load_model(model_dir, model_config, self.device, self.dtype)
             self.attn_backend = create_attention_backend(
@@ -186,7 +189,6 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         self._bind_kv_cache(0)  # drop the throw-away cache before free memory is read
-        torch.cuda.empty_cache()
         logger.info("profiled step of %d tokens: %.1f MiB of activations", num_tokens, peak / 2**20)
         return int(peak)
 
@@ -252,10 +254,18 @@ class ModelRunner:
             out = self.sampler(logits, prepared.sampling)
             if self.stream is None:
                 return LaunchedStep(out.token_ids, out, None)
-            host = SamplerOutput(*(_to_host(t) for t in out))
+            host = self._to_host(out)
             done = _new_event()
             done.record(self.stream)
             return LaunchedStep(out.token_ids, host, done)
+
+    def _to_host(self, out: SamplerOutput) -> SamplerOutput:
+        """Start copying the sampler's output to pinned host memory (tokens through a ring of
+        reused buffers; logprobs, which are rare, into fresh ones)."""
+        tokens = self._host_tokens[self._next_host][: out.token_ids.shape[0]]
+        self._next_host = (self._next_host + 1) % len(self._host_tokens)
+        tokens.copy_(out.token_ids, non_blocking=True)
+        return SamplerOutput(tokens, *(_to_host(t) for t in out[1:]))
 
     def launches_cheaply(self, prepared: PreparedStep) -> bool:
         """Whether `launch` is a graph replay (microseconds of CPU, fine on any thread) rather
@@ -281,6 +291,10 @@ def _new_stream(device: torch.device) -> torch.cuda.Stream:
 
 def _new_event() -> torch.cuda.Event:
     return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+def _pinned_tokens(rows: int) -> torch.Tensor:
+    return torch.empty(rows, dtype=torch.int64, pin_memory=True)
 
 
 def _to_host(tensor: torch.Tensor | None) -> Any:

@@ -91,7 +91,7 @@ class RequestStream:
 
     async def __anext__(self) -> StreamToken:
         req = self._request
-        while self._cursor >= len(req.outputs):
+        while self._cursor >= req.num_streamable:
             if req.is_finished:
                 if req.error is not None:
                     raise EngineError(
@@ -104,7 +104,7 @@ class RequestStream:
             except BaseException:  # cancelled while waiting: the caller is gone
                 self._engine.abort(req.request_id)
                 raise
-        token = req.outputs[self._cursor]
+        token = req.stream_token(self._cursor)
         self._cursor += 1
         return token
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from asyncllm.context import current_forward_context
 from asyncllm.kernels import fused_ops
+from asyncllm.layers import between_layers
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.embedding import LMHead
@@ -108,6 +109,7 @@ class Qwen3Model(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual)
+            between_layers()
         hidden: torch.Tensor
         hidden, _ = self.norm(x, residual)
         return hidden
