@@ -97,5 +97,6 @@ class EngineStats(NamedTuple):
     num_finished: int
     attention_backend: str
     step_seconds: dict[str, float]
-    """Wall seconds the engine loop spent per phase: "schedule" (and prepare inputs), "launch"
-    (enqueue on the device), "wait" (for the device), "process" (tokens to streams)."""
+    """Wall seconds the engine loop spent per phase: "schedule", "prepare" (inputs to the
+    device), "launch" (enqueue the step), "wait" (for the device), "process" (tokens to
+    streams)."""

@@ -149,7 +149,8 @@ class _Trace:
         self.stream = runner.stream
         self.pending: list[tuple[Any, Any]] = []
         core.schedule = self._wrap("schedule", core.schedule, _step_info)  # type: ignore[method-assign]
-        core.process = self._wrap("process", core.process, len)  # type: ignore[method-assign]
+        core.prepare = self._wrap("prepare", core.prepare, _prepared_info)  # type: ignore[method-assign]
+        core.end_step = self._wrap("end_step", core.end_step, None)  # type: ignore[method-assign]
         runner.launch = self._gpu_timed(self._wrap("launch", runner.launch, None))  # type: ignore[method-assign]
         runner.collect = self._wrap("collect", runner.collect, self._gpu_ms)  # type: ignore[method-assign]
 
@@ -187,11 +188,12 @@ class _Trace:
         return timed
 
 
-def _step_info(scheduled: Any) -> Any:
-    if scheduled is None:
-        return None
-    step, prepared = scheduled
-    return [len(step.requests), sum(step.num_tokens), prepared.ctx.num_decode_seqs]
+def _step_info(step: Any) -> Any:
+    return None if step is None else [len(step.requests), sum(step.num_tokens)]
+
+
+def _prepared_info(prepared: Any) -> Any:
+    return [prepared.ctx.num_seqs, prepared.ctx.num_decode_seqs]
 
 
 def _transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int,

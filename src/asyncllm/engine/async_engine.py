@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -15,7 +16,7 @@ import anyio.lowlevel
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore, Prompt
 from asyncllm.engine.request import Request
-from asyncllm.engine.runner import LaunchedStep
+from asyncllm.engine.runner import LaunchedStep, StepResult
 from asyncllm.engine.scheduler import ScheduledStep
 from asyncllm.engine.stream import RequestStream, new_waiter_factory
 from asyncllm.errors import (
@@ -297,13 +298,15 @@ class AsyncEngine:
         in_flight: deque[tuple[ScheduledStep, LaunchedStep]] = deque()
         clock = self._core.clock
         while True:
-            # Yield between phases, so no burst of this loop's CPU work delays other tasks of
-            # the event loop for long.
+            # Yield between phases (and inside the long ones), so no burst of this loop's
+            # CPU work delays the event loop's other tasks for more than a millisecond or so.
             await anyio.lowlevel.checkpoint()
             with clock("schedule"):
-                scheduled = self._core.schedule() if len(in_flight) < depth else None
-            if scheduled is not None:
-                step, prepared = scheduled
+                step = self._core.schedule() if len(in_flight) < depth else None
+            if step is not None:
+                await anyio.lowlevel.checkpoint()
+                with clock("prepare"):
+                    prepared = self._core.prepare(step)
                 previous = in_flight[-1][1] if in_flight else None
                 with clock("launch"):
                     if runner.launches_cheaply(prepared):
@@ -317,16 +320,26 @@ class AsyncEngine:
                 step, launched = in_flight.popleft()
                 with clock("wait"):
                     result = await self._on_worker(runner.collect, launched)
-                with clock("process"):
-                    for req in self._core.process(step, result):
-                        self._notify(req)
-                        if req.is_finished:
-                            self._requests.pop(req.request_id, None)
+                await self._process(step, result)
             else:
                 if self._core.has_work():
                     logger.error("work is pending but nothing can be scheduled")
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
+
+    async def _process(self, step: ScheduledStep, result: StepResult) -> None:
+        """Hand a completed step's tokens to their streams, yielding every 64 requests."""
+        now = time.monotonic()
+        sampled = self._core.sampled(step, result)
+        for start in range(0, len(sampled), 64):
+            with self._core.clock("process"):
+                for req, token_id, logprobs in sampled[start : start + 64]:
+                    if self._core.apply(req, token_id, logprobs, now):
+                        self._notify(req)
+                        if req.is_finished:
+                            self._requests.pop(req.request_id, None)
+            await anyio.lowlevel.checkpoint()
+        self._core.end_step(step)
 
     async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
         # One worker thread at a time: model work is serial, and the loop stays free.

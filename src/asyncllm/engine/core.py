@@ -58,7 +58,7 @@ class EngineCore:
         self._deferred: list[Request] = []
         """Finished requests whose blocks a launched step may still write to."""
         self.step_seconds: dict[str, float] = dict.fromkeys(
-            ("schedule", "launch", "wait", "process"), 0.0
+            ("schedule", "prepare", "launch", "wait", "process"), 0.0
         )
 
     @contextlib.contextmanager
@@ -154,14 +154,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def schedule(self) -> tuple[ScheduledStep, PreparedStep] | None:
-        """Choose the next step and turn it into device inputs (None when nothing can run)."""
-        assert self.runner is not None, "schedule() before load()"
+    def schedule(self) -> ScheduledStep | None:
+        """Choose the next step (None when nothing can run)."""
         step = self.scheduler.schedule(self._next_step_id)
         if not step.requests:
             return None
         self._next_step_id += 1
-        return step, self.runner.prepare(self._batch(step))
+        return step
+
+    def prepare(self, step: ScheduledStep) -> PreparedStep:
+        """Turn a scheduled step into device inputs."""
+        assert self.runner is not None, "prepare() before load()"
+        return self.runner.prepare(self._batch(step))
 
     def _batch(self, step: ScheduledStep) -> StepBatch:
         batch, row = StepBatch(), 0
@@ -182,21 +186,37 @@ class EngineCore:
     def process(self, step: ScheduledStep, result: StepResult) -> list[Request]:
         """Append the sampled tokens, apply stop rules, release what finished.
 
-        Returns the requests whose streams have something new.
+        Returns the requests whose streams have something new. (The engine loop does the
+        same in chunks, through `sampled`, `apply` and `end_step`, to stay responsive.)
         """
         now = time.monotonic()
-        self.num_steps += 1
+        updated = [req for req, t, lp in self.sampled(step, result) if self.apply(req, t, lp, now)]
+        self.end_step(step)
+        return updated
+
+    def sampled(
+        self, step: ScheduledStep, result: StepResult
+    ) -> list[tuple[Request, int, TokenLogprobs | None]]:
+        """The (request, token, logprobs) a completed step drew, in order."""
         self._processed_step_id = step.step_id
         samplers = [req for req, samples in zip(step.requests, step.samples) if samples]
-        updated = []
-        for req, token_id, logprobs in zip(samplers, result.token_ids, result.logprobs):
-            req.num_pending_tokens -= 1
-            if not req.is_finished:  # else it was aborted or stopped while the step ran
-                self._append(req, token_id, logprobs, now)
-                updated.append(req)
+        return list(zip(samplers, result.token_ids, result.logprobs))
+
+    def apply(
+        self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
+    ) -> bool:
+        """Give `req` a token its step drew; False when the request had ended meanwhile."""
+        req.num_pending_tokens -= 1
+        if req.is_finished:  # aborted or stopped while the step ran
+            return False
+        self._append(req, token_id, logprobs, now)
+        return True
+
+    def end_step(self, step: ScheduledStep) -> None:
+        """Book-keeping once all of a step's tokens are applied."""
+        self.num_steps += 1
         self.scheduler.after_step(step)
         self._release_deferred()
-        return updated
 
     def _append(
         self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
