@@ -237,3 +237,8 @@ def test_missing_tokenizer(model_copy: Path) -> None:
 def test_random_model_writer_round_trips(tmp_path: Path) -> None:
     write_random_model(tmp_path, seed=5)
     load(tmp_path)
+
+
+def test_a_token_budget_below_max_num_seqs_is_rejected() -> None:
+    with pytest.raises(errors.ConfigError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)

@@ -24,7 +24,7 @@ def request(name: str, tokens: list[int], max_tokens: int = 1000) -> Request:
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random admissions, overlapped steps (up to two in flight), aborts and finishes over a
+    """Random admissions, overlapped steps (up to three in flight), aborts and finishes over a
     small pool with prefix sharing. Removal of a request waits, as in the engine, until no
     step in flight includes it."""
 
@@ -50,7 +50,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.live.append(req)
         self.scheduler.add(req)
 
-    @precondition(lambda self: len(self.in_flight) < 2)
+    @precondition(lambda self: len(self.in_flight) < 3)
     @rule()
     def launch(self) -> None:
         step = self.scheduler.schedule(self.next_step)

@@ -104,7 +104,7 @@ async def test_chunked_prefill_matches_transformers(
     random_model_dir: Path, random_reference: Qwen3ForCausalLM
 ) -> None:
     prompts = prompts_of([150, 97, 3, 64], 384, seed=4)
-    async with engine_for(random_model_dir, max_num_batched_tokens=24) as engine:
+    async with engine_for(random_model_dir, max_num_batched_tokens=24, max_num_seqs=8) as engine:
         outs = await engine.generate_many(prompts, GREEDY)
         steps = engine.stats().num_steps
     assert steps >= sum(len(p) for p in prompts) // 24  # the prompts really were chunked
@@ -145,6 +145,7 @@ async def test_everything_at_once_matches_transformers(
         block_size=16,
         max_model_len=200,
         max_num_batched_tokens=32,
+        max_num_seqs=16,
         enable_prefix_caching=enable_prefix_caching,
         overlap_scheduling=overlap,
     ) as engine:

@@ -85,6 +85,13 @@ class EngineConfig:
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running decode must fit one step, or one could skip a step (and a token
+            # drawn on the device would lose track of the step that drew it).
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if not isinstance(self.attention_backend, str):
@@ -101,11 +108,12 @@ class EngineConfig:
         return dataclasses.replace(self, **overrides)
 
     def pipeline_depth(self, device: torch.device) -> int:
-        """Steps in flight at once: 2 with overlapped scheduling, else 1."""
+        """Steps in flight at once: 3 with overlapped scheduling (the device always has a
+        step queued while the CPU processes the oldest one), else 1."""
         overlap = self.overlap_scheduling
         if overlap is None:
             overlap = device.type == "cuda"
-        return 2 if overlap else 1
+        return 3 if overlap else 1
 
     def torch_device(self) -> torch.device:
         """The device this config resolves to ("auto" picks CUDA when it is available)."""

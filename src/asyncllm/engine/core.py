@@ -174,12 +174,15 @@ class EngineCore:
             tokens = req.token_ids[start : start + count]
             # A token drawn by the step before is not here yet: the runner takes it from the
             # device, from that step's row for this request.
-            pending_row = req.sample_row if len(tokens) < count else None
+            pending_row = None
+            if len(tokens) < count:
+                assert req.sample_step == step.step_id - 1, "a pending token skipped a step"
+                pending_row = req.sample_row
             sample = None
             if samples:
                 drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - 1
                 sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
-                req.sample_row, row = row, row + 1
+                req.sample_row, req.sample_step, row = row, step.step_id, row + 1
             batch.add(tokens, start, req.block_ids, pending_row, sample)
         return batch
 

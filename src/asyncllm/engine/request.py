@@ -64,7 +64,8 @@ class Request:
     last_step_id: int = -1
     """The latest step that computes any of this request's tokens."""
     sample_row: int = -1
-    """This request's row among the sampled tokens of step `last_step_id`."""
+    """This request's row among the tokens drawn by step `sample_step`."""
+    sample_step: int = -1
 
     pieces: list[str] = field(default_factory=list)
     """Streamable text of each generated token. Outputs are kept as plain ints and strs (not

@@ -81,7 +81,8 @@ class ModelRunner:
         self.stream = _new_stream(self.device) if cuda else None
         # Sized for the largest step, so pinned memory is allocated once, not mid-run.
         self.staging = PinnedStaging(self.device, slot_bytes=1 << 20) if cuda else None
-        self._host_tokens = [_pinned_tokens(config.max_num_seqs) for _ in range(4)] if cuda else []
+        # More buffers than steps in flight: one is reused only after its step was collected.
+        self._host_tokens = [_pinned_tokens(config.max_num_seqs) for _ in range(6)] if cuda else []
         self._next_host = 0
         with self.on_stream():
             self.model = load_model(model_dir, model_config, self.device, self.dtype)
