@@ -95,8 +95,30 @@ class EngineStats(NamedTuple):
     num_steps: int
     num_preemptions: int
     num_finished: int
+    prompt_tokens_total: int
+    """Prompt tokens of every request admitted so far."""
+    generated_tokens_total: int
+    """Tokens generated so far, over all requests."""
+    uptime_s: float
     attention_backend: str
     step_seconds: dict[str, float]
     """Wall seconds the engine loop spent per phase: "schedule", "prepare" (inputs to the
     device), "launch" (enqueue the step), "wait" (for the device), "process" (tokens to
     streams)."""
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks held by requests (cached blocks count as free)."""
+        used = self.kv_blocks_total - self.kv_blocks_free - self.kv_blocks_cached
+        return used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Fraction of looked-up prompt tokens served by the prefix cache."""
+        queries = self.prefix_cache_queries
+        return self.prefix_cache_hit_tokens / queries if queries else 0.0
+
+    @property
+    def steps_per_second(self) -> float:
+        """Average engine steps per second since start."""
+        return self.num_steps / self.uptime_s if self.uptime_s > 0 else 0.0

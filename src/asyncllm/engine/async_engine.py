@@ -6,19 +6,20 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore, Prompt
+from asyncllm.engine.eventloop import WorkerThread, call_soon_threadsafe, new_waiter_factory, spawn
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import LaunchedStep, StepResult
 from asyncllm.engine.scheduler import ScheduledStep
-from asyncllm.engine.stream import RequestStream, new_waiter_factory
+from asyncllm.engine.stream import RequestStream
 from asyncllm.errors import (
     BlockingCallError,
     EngineDeadError,
@@ -34,14 +35,13 @@ __all__ = ["AsyncEngine"]
 
 logger = logging.getLogger("asyncllm")
 
-T = TypeVar("T")
-
 
 class AsyncEngine:
     """An inference engine whose loop runs as a task in your event loop.
 
-    Model work runs on a worker thread (and, on a GPU, on the engine's own CUDA stream), so
-    the event loop stays responsive while steps compute.
+    Model work runs on the engine's own worker thread (and, on a GPU, on its own CUDA
+    stream), so the event loop stays responsive while steps compute. Works under asyncio,
+    uvloop and trio.
 
     Example:
         >>> engine = AsyncEngine.from_pretrained()  # the embedded tiny model
@@ -55,15 +55,16 @@ class AsyncEngine:
         self.config = config
         self._core = EngineCore(config)
         self._requests: dict[str, Request] = {}
-        self._state = "created"  # -> "running" -> "stopped", or "dead"
+        self._state = "created"  # -> starting -> running -> stopping -> stopped, or dead
         self._death: BaseException | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
         self._loop_scope: anyio.CancelScope | None = None
         self._loop_done = anyio.Event()
         self._loop_task: Any = None  # keeps the asyncio task referenced while it runs
+        self._worker: WorkerThread | None = None
         self._wakeup = anyio.Event()
-        self._worker = anyio.CapacityLimiter(1)
+        self._drained: anyio.Event | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, **overrides: Any) -> AsyncEngine:
@@ -100,35 +101,50 @@ class AsyncEngine:
         self._token = anyio.lowlevel.current_token()
         self._new_waiter = new_waiter_factory(self._token.native_token)
         self._loop_thread = threading.get_ident()
+        self._worker = WorkerThread(self._token)
         self._state = "starting"
         try:
-            await anyio.to_thread.run_sync(self._core.load, limiter=self._worker)
+            await self._worker.run(self._core.load)
         except BaseException:
             self._state = "stopped"
+            self._worker.close()
             raise
         self._loop_scope = anyio.CancelScope()
-        self._loop_task = _spawn(self._run, self._loop_scope)
+        self._loop_task = spawn(self._run, self._loop_scope)
         self._state = "running"
         logger.info("engine started: %s", self._core.stats())
 
-    async def shutdown(self) -> None:
-        """Abort what is in flight, stop the loop task, and release the model.
+    async def shutdown(self, *, drain: bool = False) -> None:
+        """Stop the engine: abort what is in flight (or, with `drain=True`, let it finish
+        first), stop the loop task and the worker thread, and free the model's memory.
 
-        May be called from any task of the engine's loop; a second call does nothing.
+        New requests are refused from the moment this is called. It may run in any task of
+        the engine's loop; a second call does nothing. Bound a drain with a timeout of your
+        own (e.g. `anyio.fail_after`); cancelling it aborts the rest.
         """
         if self._loop_scope is None:
-            if self._state != "dead":
+            if self._state not in ("dead", "created"):
                 self._state = "stopped"
             return
-        for request_id in list(self._requests):
-            self.abort(request_id)
-        scope, self._loop_scope = self._loop_scope, None
-        scope.cancel()
-        await self._loop_done.wait()
-        self._loop_task = None
-        self._core.unload()
-        if self._state != "dead":
-            self._state = "stopped"
+        if self._state == "running":
+            self._state = "stopping"
+        try:
+            if drain and self._requests:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+        finally:
+            for request_id in list(self._requests):
+                self.abort(request_id)
+            scope, self._loop_scope = self._loop_scope, None
+            scope.cancel()
+            await self._loop_done.wait()
+            self._loop_task = None
+            assert self._worker is not None
+            self._worker.close()
+            self._core.unload()
+            if self._state != "dead":
+                self._state = "stopped"
+            logger.info("engine stopped")
 
     # ---- submitting --------------------------------------------------------------------------
 
@@ -151,6 +167,7 @@ class AsyncEngine:
         self._requests[req.request_id] = req
         self._core.scheduler.add(req)
         self._wakeup.set()
+        logger.debug("request %s added: %d prompt tokens", req.request_id, req.num_prompt_tokens)
         return RequestStream(self, req)
 
     async def generate(
@@ -162,7 +179,7 @@ class AsyncEngine:
     ) -> RequestOutput:
         """Run one request to completion and return its `RequestOutput`."""
         async with self.stream(prompt, params, request_id=request_id) as stream:
-            async for _ in stream:
+            async for _ in stream.chunks():
                 pass
             return stream.output()
 
@@ -176,7 +193,8 @@ class AsyncEngine:
         """Run many requests concurrently; outputs come back in the order of `prompts`.
 
         `params` is one `SamplingParams` for all, or one per prompt. `progress=True` shows a
-        tqdm progress bar of finished requests.
+        tqdm progress bar of finished requests. If one request fails, the rest are aborted
+        and the error is raised.
         """
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -188,7 +206,7 @@ class AsyncEngine:
 
         async def drain(index: int) -> None:
             async with streams[index] as stream:
-                async for _ in stream:
+                async for _ in stream.chunks():
                     pass
                 outputs[index] = stream.output()
             if bar is not None:
@@ -202,6 +220,27 @@ class AsyncEngine:
             if bar is not None:
                 bar.close()
         return [out for out in outputs if out is not None]
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request and free its KV blocks; unknown or finished ids are ignored."""
+        req = self._requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return
+        self._core.abort(req)
+        self._notify(req)
+        logger.debug("request %s aborted", request_id)
+        self._note_if_drained()
+
+    def abort_threadsafe(self, request_id: str) -> None:
+        """`abort` from any thread (it runs on the engine's loop)."""
+        if self._token is None or self._state not in ("running", "stopping"):
+            return
+        if threading.get_ident() == self._loop_thread:
+            self.abort(request_id)
+        else:
+            call_soon_threadsafe(self._token, self.abort, request_id)
+
+    # ---- from other threads ------------------------------------------------------------------
 
     def stream_threadsafe(
         self, prompt: Prompt, params: SamplingParams | None = None
@@ -233,26 +272,10 @@ class AsyncEngine:
         assert self._token is not None
         return self._token
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request and free its KV blocks; unknown or finished ids are ignored."""
-        req = self._requests.pop(request_id, None)
-        if req is None or req.is_finished:
-            return
-        if self._state in ("running", "dead"):
-            self._core.abort(req)
-        self._notify(req)
-
-    def abort_threadsafe(self, request_id: str) -> None:
-        """`abort` from any thread (it runs on the engine's loop)."""
-        if self._token is None or self._state not in ("running",):
-            return
-        if threading.get_ident() == self._loop_thread:
-            self.abort(request_id)
-        else:
-            _call_soon_threadsafe(self._token, self.abort, request_id)
+    # ---- state -------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        """Queue sizes, KV-pool usage and prefix-cache counters right now."""
+        """Queue sizes, KV-pool usage, prefix-cache counters and loop timings right now."""
         return self._core.stats()
 
     def reset_prefix_cache(self) -> None:
@@ -262,8 +285,6 @@ class AsyncEngine:
         """
         self._check_usable()
         self._core.blocks.reset_prefix_cache()
-
-    # ---- the loop ----------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
         if self._state == "dead":
@@ -277,8 +298,10 @@ class AsyncEngine:
         if token != self._token:
             raise WrongEventLoopError(
                 "this engine runs in another event loop (or none is running in this thread); "
-                "submit from the engine's loop"
+                "submit from the engine's loop, or use stream_threadsafe()/generate_threadsafe()"
             )
+
+    # ---- the loop ----------------------------------------------------------------------------
 
     async def _run(self, scope: anyio.CancelScope) -> None:
         try:
@@ -292,8 +315,8 @@ class AsyncEngine:
     async def _serve(self) -> None:
         """Keep up to `pipeline_depth` steps in flight: while the device runs step N, this
         loop processes N-1's tokens and schedules and prepares N+1."""
-        runner = self._core.runner
-        assert runner is not None
+        runner, worker = self._core.runner, self._worker
+        assert runner is not None and worker is not None
         depth = self.config.pipeline_depth(runner.device)
         in_flight: deque[tuple[ScheduledStep, LaunchedStep]] = deque()
         clock = self._core.clock
@@ -314,12 +337,12 @@ class AsyncEngine:
                         # avoids handing the GIL to the worker thread and back.
                         launched = runner.launch(prepared, previous)
                     else:
-                        launched = await self._on_worker(runner.launch, prepared, previous)
+                        launched = await worker.run(runner.launch, prepared, previous)
                 in_flight.append((step, launched))
             elif in_flight:
                 step, launched = in_flight.popleft()
                 with clock("wait"):
-                    result = await self._on_worker(runner.collect, launched)
+                    result = await worker.run(runner.collect, launched)
                 await self._process(step, result)
             else:
                 if self._core.has_work():
@@ -337,22 +360,37 @@ class AsyncEngine:
                     if self._core.apply(req, token_id, logprobs, now):
                         self._notify(req)
                         if req.is_finished:
-                            self._requests.pop(req.request_id, None)
+                            self._on_finished(req)
             await anyio.lowlevel.checkpoint()
         self._core.end_step(step)
 
-    async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        # One worker thread at a time: model work is serial, and the loop stays free.
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._worker)
+    def _on_finished(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        logger.debug(
+            "request %s finished (%s): %d prompt + %d generated tokens",
+            req.request_id, req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
+        )  # fmt: skip
+        self._note_if_drained()
+
+    def _note_if_drained(self) -> None:
+        if self._drained is not None and not self._requests:
+            self._drained.set()
 
     def _die(self, exc: BaseException) -> None:
-        logger.error("engine step failed; failing all requests", exc_info=exc)
+        """A step failed: every waiting stream gets the error, new calls fail fast."""
+        logger.error("engine step failed; failing every request", exc_info=exc)
         self._state = "dead"
         self._death = exc
-        for req in self._core.fail_all():
+        for req in list(self._requests.values()):
             req.error = exc
+            req.finish("abort")
             self._notify(req)
         self._requests.clear()
+        self._note_if_drained()
+        try:
+            self._core.fail_all()
+        except Exception:  # the failure may have left the bookkeeping half-updated
+            logger.exception("releasing requests after the failure also failed")
 
     @staticmethod
     def _notify(req: Request) -> None:
@@ -378,28 +416,6 @@ async def _next_or_none(stream: RequestStream) -> StreamToken | None:
         return await stream.__anext__()
     except StopAsyncIteration:
         return None
-
-
-def _spawn(fn: Any, *args: Any) -> Any:
-    """Start `fn(*args)` as a background task of the running loop, needing no task group from
-    the caller (so `start` and `shutdown` may run in different tasks)."""
-    loop = anyio.lowlevel.current_token().native_token
-    if hasattr(loop, "create_task"):  # asyncio and uvloop
-        return loop.create_task(fn(*args), name="asyncllm-engine-loop")
-    import trio
-
-    return trio.lowlevel.spawn_system_task(fn, *args, name="asyncllm-engine-loop")
-
-
-def _call_soon_threadsafe(token: anyio.lowlevel.EventLoopToken, fn: Any, *args: Any) -> None:
-    native = token.native_token
-    try:
-        if hasattr(native, "call_soon_threadsafe"):  # asyncio (and uvloop)
-            native.call_soon_threadsafe(fn, *args)
-        else:  # trio
-            cast(Any, native).run_sync_soon(fn, *args)
-    except RuntimeError:
-        pass  # the loop is closed: nothing left to abort
 
 
 def _progress_bar(total: int) -> Any:

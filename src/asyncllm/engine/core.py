@@ -51,6 +51,8 @@ class EngineCore:
         self._ids = itertools.count()
         self.runner: ModelRunner | None = None
         self.attention_backend = ""
+        self.loaded_at: float | None = None
+        self.generated_tokens = 0
         self.num_steps = 0
         self.num_finished = 0
         self._next_step_id = 0
@@ -78,6 +80,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
         self.attention_backend = self.runner.attn_backend.name
         self.max_model_len = self.runner.max_model_len
+        self.loaded_at = time.monotonic()
         self.blocks = BlockManager(
             self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
@@ -225,6 +228,7 @@ class EngineCore:
         self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
     ) -> None:
         req.append_token(token_id, logprobs, now)  # max_tokens already respects max_model_len
+        self.generated_tokens += 1
         if req.is_finished:
             self._release_when_idle(req)
 
@@ -288,6 +292,9 @@ class EngineCore:
             num_steps=self.num_steps,
             num_preemptions=scheduler.num_preemptions if scheduler else 0,
             num_finished=self.num_finished,
+            prompt_tokens_total=self.blocks.query_tokens if blocks else 0,
+            generated_tokens_total=self.generated_tokens,
+            uptime_s=time.monotonic() - self.loaded_at if self.loaded_at else 0.0,
             attention_backend=self.attention_backend,
             step_seconds=dict(self.step_seconds),
         )
