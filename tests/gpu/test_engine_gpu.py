@@ -122,10 +122,8 @@ async def test_long_mixed_workload_with_cancellations_leaks_nothing(gpu_model_di
         async with anyio.create_task_group() as group:
             for index in range(len(prompts)):
                 group.start_soon(client, index, engine)
-        for _ in range(500):
-            if engine.stats().running == engine.stats().waiting == 0:
-                break
-            await anyio.sleep(0.01)
+        with anyio.fail_after(60):
+            await engine.idle()
         stats = engine.stats()
         engine._core.blocks.check_invariants([])
     assert len(endings) == len(prompts)

@@ -65,6 +65,7 @@ class AsyncEngine:
         self._worker: WorkerThread | None = None
         self._wakeup = anyio.Event()
         self._drained: anyio.Event | None = None
+        self._idle = anyio.Event()
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, **overrides: Any) -> AsyncEngine:
@@ -166,6 +167,8 @@ class AsyncEngine:
         req = self._core.make_request(prompt, params, request_id)
         self._requests[req.request_id] = req
         self._core.scheduler.add(req)
+        if self._idle.is_set():
+            self._idle = anyio.Event()
         self._wakeup.set()
         logger.debug("request %s added: %d prompt tokens", req.request_id, req.num_prompt_tokens)
         return RequestStream(self, req)
@@ -220,6 +223,12 @@ class AsyncEngine:
             if bar is not None:
                 bar.close()
         return [out for out in outputs if out is not None]
+
+    async def idle(self) -> None:
+        """Wait until no request is waiting or running and every KV block is released
+        (returns at once when the engine is idle or not running)."""
+        while self._state in ("running", "stopping") and not self._idle.is_set():
+            await self._idle.wait()
 
     def abort(self, request_id: str) -> None:
         """Abort a request and free its KV blocks; unknown or finished ids are ignored."""
@@ -310,6 +319,7 @@ class AsyncEngine:
         except Exception as exc:
             self._die(exc)
         finally:
+            self._idle.set()
             self._loop_done.set()
 
     async def _serve(self) -> None:
@@ -347,6 +357,7 @@ class AsyncEngine:
             else:
                 if self._core.has_work():
                     logger.error("work is pending but nothing can be scheduled")
+                self._idle.set()
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
 
