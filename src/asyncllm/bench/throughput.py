@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import torch
 
+from asyncllm.bench.loop_lag import LagMonitor
 from asyncllm.bench.model import write_random_qwen3
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
@@ -46,30 +47,6 @@ def workload(
     ]
     outputs = [rng.randint(*output_range) for _ in range(num_requests)]
     return prompts, outputs
-
-
-class LagMonitor:
-    """Samples how late a 1 ms sleep in the event loop wakes up."""
-
-    def __init__(self) -> None:
-        self.lags_ms: list[float] = []
-        self._running = True
-
-    async def run(self) -> None:
-        while self._running:
-            start = time.perf_counter()
-            await anyio.sleep(0.001)
-            self.lags_ms.append(max(0.0, (time.perf_counter() - start) * 1e3 - 1.0))
-
-    def stop(self) -> dict[str, float]:
-        self._running = False
-        lags = sorted(self.lags_ms) or [0.0]
-        return {
-            "samples": len(lags),
-            "p50_ms": statistics.median(lags),
-            "p99_ms": lags[int(0.99 * (len(lags) - 1))],
-            "max_ms": lags[-1],
-        }
 
 
 async def _offline(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]
