@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -40,12 +41,7 @@ def context(q_lens: list[int], seq_lens: list[int], block_size: int, blocks: int
         max_seqlen_k=max(seq_lens), num_decode_seqs=sum(1 for q in q_lens if q == 1),
         attn_backend=backend,  # type: ignore[arg-type]
     )  # fmt: skip
-    return ForwardContext(
-        **{
-            **{f: getattr(ctx, f) for f in ctx.__dataclass_fields__},
-            "attn_metadata": FlashAttention().build_metadata(ctx),
-        }
-    )
+    return dataclasses.replace(ctx, attn_metadata=FlashAttention().build_metadata(ctx))
 
 
 @pytest.mark.parametrize(("q_lens", "seq_lens"), [
