@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,9 +66,20 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """The benchmarks: scheduler overhead everywhere; throughput and attention on a GPU."""
-    session.install(TORCH)
-    session.install("-e", ".")
-    session.run("asyncllm", "bench", "scheduler", *session.posargs)
+    """The benchmarks, in the current interpreter (which needs torch): scheduler overhead
+    and event-loop lag everywhere; on CUDA also throughput against transformers and decode
+    attention. JSON results go to .bench/ (record them in docs/benchmarks.md)."""
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    session.run(*pip, "-e", ".", external=True)
+    out = Path(".bench")
+    out.mkdir(exist_ok=True)
+    run = functools.partial(session.run, sys.executable, external=True)
+    run("-m", "asyncllm", "bench", "scheduler", "--engine-loop", "--out", str(out / "sched.json"))
+    run("-m", "asyncllm", "bench", "lag", "--out", str(out / "lag.json"))
+    probe = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+    if subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0:
+        run("-m", "asyncllm", "bench", "throughput", "--out", str(out / "throughput.json"),
+            *session.posargs)  # fmt: skip
+        run("benchmarks/attention.py", "--out", str(out / "attention.json"))
