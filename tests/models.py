@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from asyncllm.bench.model import byte_level_tokenizer
 from asyncllm.engine.core import DEFAULT_MODEL_DIR
 
 TINY_MODEL_DIR = DEFAULT_MODEL_DIR
@@ -36,17 +36,6 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
-
-
-def byte_level_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer covering ids [0, vocab_size): byte-level symbols, then filler tokens."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    symbols = sorted(alphabet)[:vocab_size]
-    symbols += [f"<t{i}>" for i in range(len(symbols), vocab_size)]
-    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
 
 
 def write_random_model(

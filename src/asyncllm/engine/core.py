@@ -1,7 +1,8 @@
 """The engine's synchronous core: admission checks, step building and output processing.
 
-No event loop here: `AsyncEngine` drives this object from its loop task, calling
-`schedule()` and `process()` on the loop thread and `runner.run()` on a worker thread.
+No event loop here: `AsyncEngine` drives this object from its loop task: `schedule()` and
+`prepare()` a step, launch it on the runner, then `sampled()` / `apply()` / `end_step()`
+hand the drawn tokens to their requests.
 """
 
 from __future__ import annotations
@@ -188,17 +189,6 @@ class EngineCore:
                 req.sample_row, req.sample_step, row = row, step.step_id, row + 1
             batch.add(tokens, start, req.block_ids, pending_row, sample)
         return batch
-
-    def process(self, step: ScheduledStep, result: StepResult) -> list[Request]:
-        """Append the sampled tokens, apply stop rules, release what finished.
-
-        Returns the requests whose streams have something new. (The engine loop does the
-        same in chunks, through `sampled`, `apply` and `end_step`, to stay responsive.)
-        """
-        now = time.monotonic()
-        updated = [req for req, t, lp in self.sampled(step, result) if self.apply(req, t, lp, now)]
-        self.end_step(step)
-        return updated
 
     def sampled(
         self, step: ScheduledStep, result: StepResult
