@@ -97,21 +97,19 @@ class ModelRunner:
             self.graphs: DecodeGraphs | None = None
             self.num_kv_blocks = self._allocate_kv_cache()
             self.max_model_len = self._resolve_max_model_len()
-            if (
-                self.stream is not None
-                and not config.enforce_eager
-                and (self.attn_backend.supports_cuda_graphs)
-            ):
-                self.graphs = DecodeGraphs(
-                    self.model,
-                    self.attn_backend,
-                    self.stream,
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    self.block_size,
-                )
+            self.graphs = self._capture_graphs()
             if cuda:
                 self._warm_up()
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs of decode steps, unless on CPU, disabled, or the backend can't."""
+        if self.stream is None or self.config.enforce_eager:
+            return None
+        if not self.attn_backend.supports_cuda_graphs:
+            logger.info("attention backend %s: decode steps run eagerly", self.attn_backend.name)
+            return None
+        return DecodeGraphs(self.model, self.attn_backend, self.stream, self.config.max_num_seqs,
+                            self.max_model_len, self.block_size)  # fmt: skip
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -196,6 +194,8 @@ class ModelRunner:
     def _warm_up(self) -> None:
         """Run one step of each kind, so kernels compile now and not under the first requests
         (a JIT compile holds the GIL for a second and stalls the event loop)."""
+        if self.num_kv_blocks * self.block_size < 64:
+            return  # too small a pool to host the warm-up sequences (tests only)
         greedy = SampleSpec(SamplingParams(temperature=0), 0, 0)
         sampled = SampleSpec(SamplingParams(temperature=0.7), 0, 0)
         blocks = list(range(min(self.num_kv_blocks, 64)))
