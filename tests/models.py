@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,19 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
+
+
+def random_prompts(
+    lengths: list[int], vocab: int, seed: int, prefix: list[int] | None = None
+) -> list[list[int]]:
+    """Prompts of random token ids with the given lengths (after an optional shared prefix)."""
+    rng = random.Random(seed)
+    return [(prefix or []) + [rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def all_blocks_unused(stats: Any) -> bool:
+    """Every KV block is free or merely cached: no request holds any."""
+    return bool(stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total)
 
 
 def write_random_model(

@@ -9,12 +9,9 @@ import anyio
 import pytest
 
 from asyncllm import AsyncEngine, EngineStats, SamplingParams
+from tests.models import all_blocks_unused
 
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
-
-def all_blocks_unused(stats: EngineStats) -> bool:
-    return stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import anyio.lowlevel
 import pytest
 
 from asyncllm import LLM, AsyncEngine, EngineStats, SamplingParams, errors
+from tests.models import all_blocks_unused
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 
@@ -26,10 +27,6 @@ def engine_for(model_dir: Path, **overrides: Any) -> AsyncEngine:
     settings: dict[str, Any] = dict(device="cpu", num_kv_blocks=256)
     settings.update(overrides)
     return AsyncEngine.from_pretrained(str(model_dir), **settings)
-
-
-def all_blocks_unused(stats: EngineStats) -> bool:
-    return stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total
 
 
 async def until_idle(engine: AsyncEngine) -> EngineStats:
@@ -182,7 +179,7 @@ async def test_a_failing_step_reaches_every_stream_and_kills_the_engine(
             engine.stream([1])
         with pytest.raises(errors.EngineDeadError):
             await engine.generate([1])
-    assert engine._worker is not None  # shutdown after death completed without hanging
+    assert worker_threads() == []  # shutting a dead engine down stopped its worker too
 
 
 async def test_a_bad_request_does_not_disturb_a_running_one(random_model_dir: Path) -> None:

@@ -12,20 +12,13 @@ import pytest
 from transformers import Qwen3ForCausalLM
 
 from asyncllm import AsyncEngine, SamplingParams
-from tests.models import TINY_MODEL_DIR, load_reference, reference_greedy
+from tests.models import TINY_MODEL_DIR, load_reference, random_prompts, reference_greedy
 
 
 def engine_for(model_dir: Path, **overrides: Any) -> AsyncEngine:
     settings: dict[str, Any] = dict(device="cpu", dtype="float32", num_kv_blocks=512)
     settings.update(overrides)
     return AsyncEngine.from_pretrained(str(model_dir), **settings)
-
-
-def prompts_of(
-    lengths: list[int], vocab: int, seed: int, prefix: list[int] | None = None
-) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [(prefix or []) + [rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
 def expected(
@@ -40,7 +33,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=48)
 async def test_single_request_matches_transformers(
     random_model_dir: Path, random_reference: Qwen3ForCausalLM
 ) -> None:
-    [prompt] = prompts_of([19], 384, seed=0)
+    [prompt] = random_prompts([19], 384, seed=0)
     async with engine_for(random_model_dir) as engine:
         out = await engine.generate(prompt, SamplingParams(temperature=0, max_tokens=64))
     assert out.token_ids == reference_greedy(random_reference, prompt, 64)
@@ -68,7 +61,7 @@ async def test_crowded_batch_with_random_arrivals_matches_transformers(
     random_model_dir: Path, random_reference: Qwen3ForCausalLM, overlap: bool
 ) -> None:
     rng = random.Random(1)
-    prompts = prompts_of([rng.randint(1, 90) for _ in range(36)], 384, seed=1)
+    prompts = random_prompts([rng.randint(1, 90) for _ in range(36)], 384, seed=1)
     delays = [rng.uniform(0, 0.05) for _ in prompts]
     outputs: list[list[int] | None] = [None] * len(prompts)
     async with engine_for(random_model_dir, max_num_seqs=16, overlap_scheduling=overlap) as engine:
@@ -87,8 +80,8 @@ async def test_crowded_batch_with_random_arrivals_matches_transformers(
 async def test_prefix_cache_hits_give_identical_outputs(
     random_model_dir: Path, random_reference: Qwen3ForCausalLM
 ) -> None:
-    shared = prompts_of([70], 384, seed=2)[0]
-    prompts = prompts_of([5, 17, 1, 40], 384, seed=3, prefix=shared)
+    shared = random_prompts([70], 384, seed=2)[0]
+    prompts = random_prompts([5, 17, 1, 40], 384, seed=3, prefix=shared)
     async with engine_for(random_model_dir, block_size=16) as engine:
         first = await engine.generate(prompts[0], GREEDY)
         rest = await engine.generate_many(prompts[1:], GREEDY)
@@ -103,7 +96,7 @@ async def test_prefix_cache_hits_give_identical_outputs(
 async def test_chunked_prefill_matches_transformers(
     random_model_dir: Path, random_reference: Qwen3ForCausalLM
 ) -> None:
-    prompts = prompts_of([150, 97, 3, 64], 384, seed=4)
+    prompts = random_prompts([150, 97, 3, 64], 384, seed=4)
     async with engine_for(random_model_dir, max_num_batched_tokens=24, max_num_seqs=8) as engine:
         outs = await engine.generate_many(prompts, GREEDY)
         steps = engine.stats().num_steps
@@ -114,7 +107,7 @@ async def test_chunked_prefill_matches_transformers(
 async def test_preempted_requests_resume_with_identical_outputs(
     random_model_dir: Path, random_reference: Qwen3ForCausalLM
 ) -> None:
-    prompts = prompts_of([30, 45, 20, 38, 50, 25], 384, seed=5)
+    prompts = random_prompts([30, 45, 20, 38, 50, 25], 384, seed=5)
     # 14 blocks of 16 tokens cannot hold six ~90-token sequences at once.
     async with engine_for(
         random_model_dir, num_kv_blocks=14, block_size=16, max_model_len=160
@@ -137,8 +130,8 @@ async def test_everything_at_once_matches_transformers(
 ) -> None:
     """Shared prefixes, chunking and preemption in one crowded run (overlapped scheduling:
     step N+1 is scheduled before step N's tokens are known)."""
-    shared = prompts_of([40], 384, seed=6)[0]
-    prompts = prompts_of([3, 60, 11, 90, 25, 7, 33, 52], 384, seed=7, prefix=shared)
+    shared = random_prompts([40], 384, seed=6)[0]
+    prompts = random_prompts([3, 60, 11, 90, 25, 7, 33, 52], 384, seed=7, prefix=shared)
     async with engine_for(
         random_model_dir,
         num_kv_blocks=30,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,13 @@ from asyncllm.context import forward_context
 from asyncllm.engine.runner import ModelRunner, SampleSpec, SeqStep, StepBatch
 from asyncllm.model.config import ModelConfig
 from asyncllm.sampling import SamplingParams
-from tests.models import RANDOM_CONFIGS, load_reference, paged_greedy, reference_greedy
+from tests.models import (
+    RANDOM_CONFIGS,
+    load_reference,
+    paged_greedy,
+    random_prompts,
+    reference_greedy,
+)
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -23,11 +28,6 @@ def make_runner(model_dir: Path, block_size: int, num_blocks: int = 256) -> Mode
         device="cpu", dtype="float32", block_size=block_size, num_kv_blocks=num_blocks
     )
     return ModelRunner(model_dir, ModelConfig.from_dir(model_dir), config)
-
-
-def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
 def paged_logits(runner: ModelRunner, steps: list[SeqStep]) -> torch.Tensor:
@@ -46,7 +46,7 @@ def model_dir(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> Pa
 def test_prefill_logits_match_transformers(random_config_dir: Path, block_size: int) -> None:
     runner = make_runner(random_config_dir, block_size)
     reference = load_reference(random_config_dir)
-    prompts = random_prompts(reference.config.vocab_size, [1, 7, 33, 64], seed=block_size)
+    prompts = random_prompts([1, 7, 33, 64], reference.config.vocab_size, seed=block_size)
     tables = [list(range(i * 8, i * 8 + 8)) for i in range(len(prompts))]
     steps = [SeqStep(p, 0, t, SampleSpec(GREEDY, 0, 0)) for p, t in zip(prompts, tables)]
     ours = paged_logits(runner, steps)
@@ -58,7 +58,7 @@ def test_prefill_logits_match_transformers(random_config_dir: Path, block_size: 
 def test_prefill_after_a_cached_prefix_matches_transformers(random_config_dir: Path) -> None:
     runner = make_runner(random_config_dir, block_size=16)
     reference = load_reference(random_config_dir)
-    [prompt] = random_prompts(reference.config.vocab_size, [80], seed=3)
+    [prompt] = random_prompts([80], reference.config.vocab_size, seed=3)
     table = list(range(6))
     paged_logits(runner, [SeqStep(prompt[:48], 0, table, None)])  # fills 3 blocks
     # A second sequence reuses those blocks and computes only the rest, in two chunks.
@@ -73,7 +73,7 @@ def test_prefill_after_a_cached_prefix_matches_transformers(random_config_dir: P
 def test_greedy_batch_is_token_identical_to_transformers(model_dir: Path, block_size: int) -> None:
     runner = make_runner(model_dir, block_size)
     reference = load_reference(model_dir)
-    prompts = random_prompts(min(reference.config.vocab_size, 1000), [5, 21, 48, 3], seed=7)
+    prompts = random_prompts([5, 21, 48, 3], min(reference.config.vocab_size, 1000), seed=7)
     ours = paged_greedy(runner, prompts, max_new_tokens=64)
     for prompt, got in zip(prompts, ours):
         want = reference_greedy(reference, prompt, 64, stop_at_eos=False)
@@ -83,6 +83,6 @@ def test_greedy_batch_is_token_identical_to_transformers(model_dir: Path, block_
 def test_chunked_prefill_mixed_with_decodes_is_token_identical(random_config_dir: Path) -> None:
     runner = make_runner(random_config_dir, block_size=16)
     reference = load_reference(random_config_dir)
-    prompts = random_prompts(reference.config.vocab_size, [2, 40, 75], seed=11)
+    prompts = random_prompts([2, 40, 75], reference.config.vocab_size, seed=11)
     ours = paged_greedy(runner, prompts, max_new_tokens=64, chunk=9)
     assert ours == [reference_greedy(reference, p, 64, stop_at_eos=False) for p in prompts]

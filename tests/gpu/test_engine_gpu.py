@@ -10,8 +10,14 @@ import anyio
 import pytest
 import torch
 
-from asyncllm import AsyncEngine, EngineStats, SamplingParams
-from tests.models import TINY_MODEL_DIR, load_reference, reference_greedy, write_random_model
+from asyncllm import AsyncEngine, SamplingParams
+from tests.models import (
+    TINY_MODEL_DIR,
+    all_blocks_unused,
+    load_reference,
+    reference_greedy,
+    write_random_model,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,6 +44,7 @@ def engine_for(model_dir: Path, **overrides: Any) -> AsyncEngine:
 
 
 def prompts_of(count: int, vocab: int, seed: int, max_len: int = 300) -> list[list[int]]:
+    """`count` prompts of random lengths (the generator the H100 runs verified)."""
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(rng.randint(1, max_len))] for _ in range(count)]
 
@@ -91,10 +98,6 @@ async def test_embedded_model_matches_transformers_in_float32() -> None:
     assert [o.token_ids for o in outs] == [reference_greedy(reference, p, 64) for p in prompts]
 
 
-def all_blocks_unused(stats: EngineStats) -> bool:
-    return stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total
-
-
 async def test_long_mixed_workload_with_cancellations_leaks_nothing(gpu_model_dir: Path) -> None:
     rng = random.Random(7)
     prompts = prompts_of(300, 2048, seed=8, max_len=500)
@@ -129,7 +132,7 @@ async def test_long_mixed_workload_with_cancellations_leaks_nothing(gpu_model_di
     assert len(endings) == len(prompts)
     assert set(endings.values()) <= {"length", "abort"}
     assert all_blocks_unused(stats)
-    assert stats.num_preemptions > 0 or stats.kv_blocks_total >= 600
+    assert stats.num_finished == len(prompts)  # each request released exactly once
 
 
 def test_kv_pool_is_sized_from_free_memory(gpu_model_dir: Path) -> None:

@@ -61,10 +61,18 @@ class StepBatch:
         self.pending_dst: list[int] = []
         self.pending_src: list[int] = []
         self.sampled_seqs: list[int] = []
-        self.params: list[SamplingParams] = []
+        # One entry per sampled row; the batch-wide flags are kept up to date as rows come.
+        self.temperatures: list[float] = []
+        self.top_ps: list[float] = []
+        self.min_ps: list[float] = []
+        self.top_ks: list[int] = []
         self.seeds: list[int] = []
         self.offsets: list[int] = []
         self.banned: list[tuple[int, int]] = []
+        self.all_greedy = True
+        self.any_top_k_top_p = False
+        self.any_min_p = False
+        self.num_logprobs = -1
 
     @classmethod
     def from_steps(cls, steps: Sequence[SeqStep]) -> StepBatch:
@@ -93,12 +101,24 @@ class StepBatch:
         self.starts.append(start)
         self.tables.append(block_table)
         if sample is not None:
-            row = len(self.params)
-            self.sampled_seqs.append(len(self.q_lens) - 1)
-            self.params.append(sample.params)
-            self.seeds.append(sample.seed)
-            self.offsets.append(sample.offset)
-            self.banned.extend((row, t) for t in sample.banned_token_ids)
+            self._add_sample(sample)
+
+    def _add_sample(self, sample: SampleSpec) -> None:
+        p = sample.params
+        row = len(self.seeds)
+        self.sampled_seqs.append(len(self.q_lens) - 1)
+        self.temperatures.append(p.temperature)
+        self.top_ps.append(p.top_p)
+        self.min_ps.append(p.min_p)
+        self.top_ks.append(p.top_k)
+        self.seeds.append(sample.seed)
+        self.offsets.append(sample.offset)
+        self.banned.extend((row, t) for t in sample.banned_token_ids)
+        self.all_greedy = self.all_greedy and p.temperature == 0.0
+        self.any_top_k_top_p = self.any_top_k_top_p or p.top_k > 0 or p.top_p < 1.0
+        self.any_min_p = self.any_min_p or p.min_p > 0.0
+        if p.logprobs is not None:
+            self.num_logprobs = max(self.num_logprobs, p.logprobs)
 
 
 class PreparedStep(NamedTuple):
@@ -171,7 +191,6 @@ def prepare_step(
     np.cumsum(q_lens, out=cu_q[1:])
     tables = _block_tables(batch.tables)
     positions, slots = _positions_and_slots(cu_q, seq_lens, tables, block_size)
-    params = batch.params
     ints = {
         "input_ids": np.array(batch.tokens, np.int64),
         "positions": positions,
@@ -179,7 +198,7 @@ def prepare_step(
         "logits_indices": cu_q[1:][batch.sampled_seqs] - 1,
         "pending_dst": np.array(batch.pending_dst, np.int64),
         "pending_src": np.array(batch.pending_src, np.int64),
-        "top_k": np.array([p.top_k for p in params], np.int64),
+        "top_k": np.array(batch.top_ks, np.int64),
         "seeds": np.array(batch.seeds, np.int64),
         "offsets": np.array(batch.offsets, np.int64),
         "banned_rows": np.array([r for r, _ in batch.banned], np.int64),
@@ -187,12 +206,11 @@ def prepare_step(
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    floats = [np.fromiter((getattr(p, name) for p in params), np.float32, len(params))
-              for name in ("temperature", "top_p", "min_p")]  # fmt: skip
+    floats = np.array([batch.temperatures, batch.top_ps, batch.min_ps], np.float32)
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _unpack(to_device(_pack(ints)), ints)
     views32 = _unpack(to_device(_pack(int32s)), int32s)
-    f32 = to_device(np.stack(floats))
+    f32 = to_device(floats.reshape(3, -1))
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
@@ -212,7 +230,7 @@ def prepare_step(
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(params, views, f32),
+        sampling=_sampling(batch, views, f32),
     )
 
 
@@ -275,9 +293,8 @@ def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch
 
 
 def _sampling(
-    params: list[SamplingParams], views: dict[str, torch.Tensor], floats: torch.Tensor
+    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor
 ) -> SamplingTensors:
-    asked = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingTensors(
         temperatures=floats[0],
         top_k=views["top_k"],
@@ -287,8 +304,8 @@ def _sampling(
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
         banned_tokens=views["banned_tokens"],
-        all_greedy=all(p.is_greedy for p in params),
-        any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-        any_min_p=any(p.min_p > 0.0 for p in params),
-        num_logprobs=max(asked, default=-1),
+        all_greedy=batch.all_greedy,
+        any_top_k_top_p=batch.any_top_k_top_p,
+        any_min_p=batch.any_min_p,
+        num_logprobs=batch.num_logprobs,
     )
