@@ -81,6 +81,19 @@ class AsyncEngine:
         """The model's `asyncllm.tokenizer.Tokenizer`."""
         return self._core.tokenizer
 
+    @property
+    def state(self) -> str:
+        """Where the engine is in its life: "created", "starting", "running", "stopping",
+        "stopped", or "dead" (a step failed; it accepts no more work)."""
+        return self._state
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output a request may have (known once the engine has started)."""
+        if self._state in ("created", "starting"):
+            raise EngineNotRunningError("max_model_len is sized when the engine starts")
+        return self._core.max_model_len
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncEngine:
