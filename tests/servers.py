@@ -66,9 +66,16 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def iter_sse(response: httpx.Response) -> Iterator[str]:
+    """The `data:` payloads of a server-sent-event response, as they arrive."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line[len("data: ") :]
+
+
 def sse_data(response: httpx.Response) -> list[str]:
-    """The `data:` payloads of a server-sent-event response, in order."""
-    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    """All the `data:` payloads of a server-sent-event response, in order."""
+    return list(iter_sse(response))
 
 
 def wait_until_idle(engine: Any, timeout_s: float = 30) -> Any:
