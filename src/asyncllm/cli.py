@@ -18,7 +18,7 @@ from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.errors import AsyncLLMError
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["add_engine_args", "engine_overrides", "main"]
+__all__ = ["add_engine_args", "engine_flags", "engine_overrides", "main"]
 
 _ENGINE_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
 _ENGINE_DESTS = {"seed": "engine_seed"}
@@ -53,6 +53,18 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if field.name != "model" and value is not None:
             overrides[field.name] = value
     return overrides
+
+
+def engine_flags(overrides: dict[str, Any]) -> list[str]:
+    """The command-line options that give `overrides` (the inverse of `engine_overrides`)."""
+    flags = []
+    for name, value in overrides.items():
+        option = _ENGINE_DESTS.get(name, name).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{option}" if value else f"--no-{option}")
+        else:
+            flags += [f"--{option}", str(value)]
+    return flags
 
 
 def _engine_field_docs() -> dict[str, str]:

@@ -11,9 +11,9 @@ this thread (the tests check that the text parses into those models).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from json.encoder import encode_basestring as _json_str  # C-accelerated: a JSON string literal
 from typing import Any, NamedTuple
 
 from asyncllm.engine.core import Prompt
@@ -307,36 +307,46 @@ def sse(payload: str) -> str:
 
 
 class _Events:
-    """Shared by both endpoints: the fixed head of every chunk, rendered once."""
+    """Shared by both endpoints: every chunk's fixed JSON around its one choice, rendered
+    once per request, so an event costs a few string concatenations."""
 
     object_name = ""
 
     def __init__(
         self, request_id: str, created: int, model: str, tokenizer: Tokenizer,
-        include_usage: bool,
+        include_usage: bool, logprobs: bool,
     ) -> None:  # fmt: skip
         self._tokenizer = tokenizer
+        self._logprobs = logprobs
         self._head = (
-            f'{{"id":{json.dumps(request_id)},"object":"{self.object_name}",'
-            f'"created":{created},"model":{json.dumps(model)},"system_fingerprint":null,'
+            f'data: {{"id":{_json_str(request_id)},"object":"{self.object_name}",'
+            f'"created":{created},"model":{_json_str(model)},"system_fingerprint":null,'
             f'"choices":['
         )
         # OpenAI: with include_usage, every chunk has "usage": null but the last.
-        self._tail = '],"usage":null}' if include_usage else "]}"
+        self._tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
+        self._open: dict[int, str] = {}
 
-    def _event(self, choice: str) -> str:
-        return sse(self._head + choice + self._tail)
+    def _choice_head(self, index: int, key: str) -> str:
+        """`{"index":i,"<key>":` for choice i (cached)."""
+        head = self._open.get(index)
+        if head is None:
+            head = self._open[index] = f'{self._head}{{"index":{index},{key}'
+        return head
 
     def usage_event(self, outputs: Sequence[RequestOutput]) -> str:
         """The last chunk when `stream_options.include_usage`: no choices, the usage."""
-        return sse(self._head + '],"usage":' + usage(outputs).model_dump_json() + "}")
+        return f'{self._head}],"usage":{usage(outputs).model_dump_json()}}}\n\n'
 
 
-def _by_choice(tokens: Sequence[StreamToken]) -> dict[int, list[StreamToken]]:
+def _by_choice(tokens: Sequence[StreamToken], n: int) -> Iterator[tuple[int, Sequence[StreamToken]]]:
+    if n == 1:
+        yield 0, tokens
+        return
     groups: dict[int, list[StreamToken]] = {}
     for token in tokens:
         groups.setdefault(getattr(token, "choice", 0), []).append(token)
-    return groups
+    yield from groups.items()
 
 
 def _stream_finish(tokens: Sequence[StreamToken]) -> str:
@@ -349,7 +359,7 @@ def _stream_finish(tokens: Sequence[StreamToken]) -> str:
 
 class CompletionEvents(_Events):
     """Renders one completions request: `events(prompt_index, tokens)` gives the SSE text
-    for a batch of one prompt's tokens (one chunk per choice that has news)."""
+    for a batch of one prompt's tokens (one chunk per choice that has news, as OpenAI)."""
 
     object_name = "text_completion"
 
@@ -357,25 +367,25 @@ class CompletionEvents(_Events):
         self, request_id: str, created: int, model: str, tokenizer: Tokenizer,
         include_usage: bool, n: int, logprobs: bool,
     ) -> None:  # fmt: skip
-        super().__init__(request_id, created, model, tokenizer, include_usage)
+        super().__init__(request_id, created, model, tokenizer, include_usage, logprobs)
         self._n = n
-        self._logprobs = logprobs
         self._offsets: dict[int, int] = {}
 
     def events(self, prompt_index: int, tokens: Sequence[StreamToken]) -> str:
-        choices = []
-        for choice, group in _by_choice(tokens).items():
-            text = "".join(t.text for t in group)
+        out = []
+        for choice, group in _by_choice(tokens, self._n):
+            text = group[0].text if len(group) == 1 else "".join(t.text for t in group)
             finish = _stream_finish(group)
             if not text and finish == "null" and not self._logprobs:
                 continue  # nothing to say yet (a partial character, held-back text)
             index = prompt_index * self._n + choice
             logprobs = self._logprobs_json(index, group) if self._logprobs else "null"
-            choices.append(
-                f'{{"index":{index},"text":{json.dumps(text)},"logprobs":{logprobs},'
-                f'"finish_reason":{finish}}}'
+            head = self._choice_head(index, '"text":')
+            out.append(
+                f'{head}{_json_str(text)},"logprobs":{logprobs},"finish_reason":{finish}}}'
+                + self._tail
             )
-        return "".join(map(self._event, choices))  # one choice per chunk, as OpenAI does
+        return "".join(out)
 
     def _logprobs_json(self, index: int, group: Sequence[StreamToken]) -> str:
         offset = self._offsets.get(index, 0)
@@ -395,24 +405,19 @@ class ChatEvents(_Events):
 
     def __init__(
         self, request_id: str, created: int, model: str, tokenizer: Tokenizer,
-        include_usage: bool, logprobs: bool,
+        include_usage: bool, n: int, logprobs: bool,
     ) -> None:  # fmt: skip
-        super().__init__(request_id, created, model, tokenizer, include_usage)
-        self._logprobs = logprobs
+        super().__init__(request_id, created, model, tokenizer, include_usage, logprobs)
+        self._n = n
 
-    def first_events(self, n: int) -> str:
-        return "".join(
-            self._event(
-                f'{{"index":{i},"delta":{{"role":"assistant","content":""}},'
-                '"logprobs":null,"finish_reason":null}'
-            )
-            for i in range(n)
-        )
+    def first_events(self) -> str:
+        role = '{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
+        return "".join(self._choice_head(i, '"delta":') + role + self._tail for i in range(self._n))
 
     def events(self, tokens: Sequence[StreamToken]) -> str:
-        choices = []
-        for choice, group in _by_choice(tokens).items():
-            text = "".join(t.text for t in group)
+        out = []
+        for choice, group in _by_choice(tokens, self._n):
+            text = group[0].text if len(group) == 1 else "".join(t.text for t in group)
             finish = _stream_finish(group)
             if not text and finish == "null" and not self._logprobs:
                 continue
@@ -423,9 +428,7 @@ class ChatEvents(_Events):
                     for t in group
                 ]
                 logprobs = ChatLogprobs(content=content).model_dump_json()
-            delta = f'{{"content":{json.dumps(text)}}}' if text else "{}"
-            choices.append(
-                f'{{"index":{choice},"delta":{delta},"logprobs":{logprobs},'
-                f'"finish_reason":{finish}}}'
-            )
-        return "".join(map(self._event, choices))
+            delta = f'{{"content":{_json_str(text)}}}' if text else "{}"
+            head = self._choice_head(choice, '"delta":')
+            out.append(f'{head}{delta},"logprobs":{logprobs},"finish_reason":{finish}}}{self._tail}')
+        return "".join(out)

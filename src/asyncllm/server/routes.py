@@ -108,11 +108,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = convert.ChatEvents(
-                request_id, created, ctx.model_name, tokenizer, include_usage, body.logprobs
-            )
+                request_id, created, ctx.model_name, tokenizer, include_usage, body.n,
+                body.logprobs,
+            )  # fmt: skip
 
             async def produce(emit: Emit) -> None:
-                await emit(events.first_events(body.n))
+                await emit(events.first_events())
                 await _stream_all(streams, lambda _, tokens: events.events(tokens), emit)
                 if include_usage:
                     await emit(events.usage_event([streams[0].output()]))
@@ -227,7 +228,7 @@ async def _stream_all(
 
     async def pump(index: int, put: Emit) -> None:
         async with streams[index] as stream:
-            async for tokens in stream.chunks():
+            async for tokens in stream.chunks():  # a slow client gets fewer, larger events
                 await put(render(index, tokens))
 
     if len(streams) == 1:

@@ -52,28 +52,32 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async with anyio.create_task_group() as group:
+            group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
+            # In a task of its own, not this one: each token resumes the streaming coroutine,
+            # and here it would sit under the whole middleware stack's chain of awaits.
+            group.start_soon(self._stream, send, group.cancel_scope)
 
+    async def _stream(self, send: Send, scope: anyio.CancelScope) -> None:
         async def emit(text: str) -> None:
             if text:
                 await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
+        try:
             try:
-                try:
-                    await self._produce(emit)
-                except (APIError, AsyncLLMError) as exc:
-                    await emit(_error_event(exc))
-                except OSError:
-                    return  # the connection broke while writing: nobody to tell
-                except Exception as exc:  # never end a stream silently
-                    logger.error("streaming a response failed", exc_info=exc)
-                    await emit(_error_event(exc))
-                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-            except OSError:
-                return
-            finally:
-                group.cancel_scope.cancel()
+                await self._produce(emit)
+            except (APIError, AsyncLLMError) as exc:
+                await emit(_error_event(exc))
+            except Exception as exc:  # never end a stream silently
+                if isinstance(exc, OSError):
+                    raise
+                logger.error("streaming a response failed", exc_info=exc)
+                await emit(_error_event(exc))
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        except OSError:
+            pass  # the connection broke while writing: there is nobody left to tell
+        finally:
+            scope.cancel()
 
 
 def _error_event(exc: BaseException) -> str:
