@@ -30,7 +30,12 @@ def chat_model_dir(directory: Path) -> Path:
 
     if Tokenizer(TINY_MODEL_DIR).has_chat_template:
         return TINY_MODEL_DIR
-    shutil.copytree(TINY_MODEL_DIR, directory, dirs_exist_ok=True)
+    return with_chat_template(TINY_MODEL_DIR, directory)
+
+
+def with_chat_template(model_dir: Path, directory: Path) -> Path:
+    """A copy of `model_dir` in `directory` whose tokenizer has a small chat template."""
+    shutil.copytree(model_dir, directory, dirs_exist_ok=True)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["chat_template"] = TEST_CHAT_TEMPLATE

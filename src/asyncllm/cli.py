@@ -18,7 +18,7 @@ from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.errors import AsyncLLMError
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["add_engine_args", "engine_flags", "engine_overrides", "main"]
+__all__ = ["add_engine_args", "build_parser", "engine_flags", "engine_overrides", "main"]
 
 _ENGINE_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
 _ENGINE_DESTS = {"seed": "engine_seed"}
@@ -163,7 +163,12 @@ def _chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            reply = _stream_reply(llm, tokenizer.apply_chat_template(history), params)
+            try:
+                reply = _stream_reply(llm, tokenizer.apply_chat_template(history), params)
+            except AsyncLLMError as exc:  # e.g. the conversation outgrew the context
+                print(f"error: {exc}", file=sys.stderr)
+                history.pop()
+                continue
             history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -246,8 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
 # ---- main ------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `asyncllm` command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `asyncllm` command and all its subcommands."""
     parser = argparse.ArgumentParser(prog="asyncllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,7 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from asyncllm.bench import add_bench_parser
 
     add_bench_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `asyncllm` command."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
