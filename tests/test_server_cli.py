@@ -29,7 +29,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # ---- help --------------------------------------------------------------------------------------
 
 
-def subcommands(parser: argparse.ArgumentParser, path: str = "asyncllm") -> Iterator[tuple[str, argparse.ArgumentParser]]:  # fmt: skip
+def subcommands(
+    parser: argparse.ArgumentParser, path: str = "asyncllm"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
     yield path, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -46,13 +48,23 @@ def test_every_option_of_every_command_is_explained() -> None:
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 continue
-            assert action.help and action.help.strip(), f"{path} {action.option_strings} has no help"
+            assert action.help and action.help.strip(), (
+                f"{path} {action.option_strings} has no help"
+            )
 
 
 def test_serve_help_lists_the_server_and_engine_options() -> None:
     text = dict(subcommands(build_parser()))["asyncllm serve"].format_help()
-    for option in ("--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs",
-                   "--shutdown-timeout", "ASYNCLLM_API_KEY", "127.0.0.1"):  # fmt: skip
+    for option in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--served-model-name",
+        "--max-num-seqs",
+        "--shutdown-timeout",
+        "ASYNCLLM_API_KEY",
+        "127.0.0.1",
+    ):
         assert option in text
 
 
@@ -62,10 +74,23 @@ def test_serve_help_lists_the_server_and_engine_options() -> None:
 def start_server(*options: str, key: str = "env-key") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "asyncllm", "serve", "--port", str(port), "--device", "cpu",
-         "--num-kv-blocks", "256", "--log-level", "warning", *options],
+        [
+            sys.executable,
+            "-m",
+            "asyncllm",
+            "serve",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--num-kv-blocks",
+            "256",
+            "--log-level",
+            "warning",
+            *options,
+        ],
         env={**ENV, "ASYNCLLM_API_KEY": key},
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -91,10 +116,20 @@ def test_serve_takes_its_key_from_the_environment_and_drains_on_sigterm() -> Non
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer env-key"})
         assert models.json()["data"][0]["id"] == "tiny-qwen3"
-        body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120,
-                          headers={"Authorization": "Bearer env-key"}) as response:  # fmt: skip
+        body = {
+            "prompt": "Once upon a time",
+            "max_tokens": 300,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            json=body,
+            timeout=120,
+            headers={"Authorization": "Bearer env-key"},
+        ) as response:
             events = iter_sse(response)
             next(events)
             server.send_signal(signal.SIGTERM)
@@ -109,7 +144,7 @@ def test_serve_takes_its_key_from_the_environment_and_drains_on_sigterm() -> Non
             rest = list(events)
         assert refused
         assert rest[-1] == "[DONE]"
-        assert "\"completion_tokens\":300" in rest[-2]  # the whole answer came through
+        assert '"completion_tokens":300' in rest[-2]  # the whole answer came through
         assert server.wait(timeout=60) == 0
     finally:
         stop(server)
@@ -118,11 +153,20 @@ def test_serve_takes_its_key_from_the_environment_and_drains_on_sigterm() -> Non
 def test_sigterm_aborts_what_outlives_the_shutdown_timeout() -> None:
     server, url = start_server("--shutdown-timeout", "0.5")
     try:
-        body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True,
-                "stream": True}  # fmt: skip
+        body = {
+            "prompt": "Once upon a time",
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "stream": True,
+        }
         received: list[str] = []
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120,
-                          headers={"Authorization": "Bearer env-key"}) as response:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            json=body,
+            timeout=120,
+            headers={"Authorization": "Bearer env-key"},
+        ) as response:
             events = iter_sse(response)
             received.append(next(events))
             server.send_signal(signal.SIGTERM)
@@ -145,11 +189,24 @@ def chat_dir(random_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def chat(model: Path, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "asyncllm", "chat", str(model), "--device", "cpu",
-         "--num-kv-blocks", "128", *options],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "asyncllm",
+            "chat",
+            str(model),
+            "--device",
+            "cpu",
+            "--num-kv-blocks",
+            "128",
+            *options,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=ENV,
-    )  # fmt: skip
+    )
 
 
 def test_chat_streams_replies_and_keeps_the_conversation(chat_dir: Path) -> None:
@@ -161,8 +218,10 @@ def test_chat_streams_replies_and_keeps_the_conversation(chat_dir: Path) -> None
         greedy = SamplingParams(max_tokens=12, temperature=0)
         tokenizer = llm.engine.tokenizer
         first = llm.generate([tokenizer.apply_chat_template(history)], greedy)[0].text
-        history += [{"role": "assistant", "content": first},
-                    {"role": "user", "content": "Tell me more"}]  # fmt: skip
+        history += [
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "Tell me more"},
+        ]
         second = llm.generate([tokenizer.apply_chat_template(history)], greedy)[0].text
     # A prompt, the first reply; a prompt for the empty line; the second reply (which saw
     # the first in its history); a last prompt, ended by Ctrl-D with a newline.
@@ -184,7 +243,9 @@ def test_ctrl_c_stops_one_reply_and_ctrl_d_quits(chat_dir: Path) -> None:
     process = chat(chat_dir, "--max-tokens", "300")
     assert process.stdin is not None and process.stdout is not None
     output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read(1), "")))  # type: ignore[union-attr]
+    reader = threading.Thread(
+        target=lambda: output.extend(iter(lambda: process.stdout.read(1), ""))
+    )  # type: ignore[union-attr]
     reader.start()
     process.stdin.write("Tell me a very long story\n")
     process.stdin.flush()
@@ -209,7 +270,7 @@ def test_ctrl_c_stops_one_reply_and_ctrl_d_quits(chat_dir: Path) -> None:
 
 def test_chat_refuses_a_model_without_a_chat_template(random_model_dir: Path) -> None:
     process = chat(random_model_dir)
-    out, err = process.communicate("Hello\n", timeout=120)
+    _out, err = process.communicate("Hello\n", timeout=120)
     assert process.returncode == 2
     assert "no chat template" in err
 
@@ -218,7 +279,10 @@ def test_chat_refuses_a_model_without_a_chat_template(random_model_dir: Path) ->
 
 
 def test_importing_asyncllm_does_not_import_the_server() -> None:
-    code = "import sys, asyncllm; assert not {'fastapi', 'uvicorn', 'asyncllm.server'} & set(sys.modules)"
+    code = (
+        "import sys, asyncllm\n"
+        "assert not {'fastapi', 'uvicorn', 'asyncllm.server'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=60)
 
 
@@ -228,6 +292,12 @@ def test_the_server_without_its_extra_says_how_to_install_it() -> None:
         "try:\n    import asyncllm.server\n"
         "except ImportError as exc:\n    print(exc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
-                          text=True, check=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert "pip install 'asyncllm[server]'" in done.stdout

@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from asyncllm import AsyncEngine  # noqa: E402
-from asyncllm.server import create_app  # noqa: E402
-from asyncllm.server.protocol import ChatStreamChunk, CompletionStreamChunk  # noqa: E402
-from tests.servers import (  # noqa: E402
+from asyncllm import AsyncEngine
+from asyncllm.server import create_app
+from asyncllm.server.protocol import ChatStreamChunk, CompletionStreamChunk
+from tests.servers import (
     chat_model_dir,
     iter_sse,
     serve_in_thread,
@@ -35,8 +35,9 @@ LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "s
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, AsyncEngine]]:
     model_dir = chat_model_dir(tmp_path_factory.mktemp("chat-model"))
     # Two sequences at most: a third request waits, which the disconnect tests rely on.
-    engine = AsyncEngine.from_pretrained(str(model_dir), device="cpu", num_kv_blocks=512,
-                                         max_num_seqs=2)  # fmt: skip
+    engine = AsyncEngine.from_pretrained(
+        str(model_dir), device="cpu", num_kv_blocks=512, max_num_seqs=2
+    )
     app = create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY_BYTES)
     with serve_in_thread(app) as url:
         yield url, engine
@@ -68,8 +69,9 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def test_malformed_json_is_a_400(http: httpx.Client, engine: AsyncEngine) -> None:
-    response = http.post("/v1/completions", content=b'{"prompt": "x",',
-                         headers={"content-type": "application/json"})  # fmt: skip
+    response = http.post(
+        "/v1/completions", content=b'{"prompt": "x",', headers={"content-type": "application/json"}
+    )
     error = error_of(response, 400)
     assert "malformed JSON" in error["message"] and error["type"] == "invalid_request_error"
 
@@ -86,8 +88,10 @@ def test_a_field_of_the_wrong_type_is_a_400_naming_it(
     assert error["param"] == "max_tokens" and "max_tokens" in error["message"]
     error = error_of(http.post("/v1/completions", json={"prompt": {"text": "x"}}), 400)
     assert error["param"] == "prompt"
-    error = error_of(http.post("/v1/chat/completions",
-                               json={"messages": [{"role": "robot", "content": "x"}]}), 400)  # fmt: skip
+    error = error_of(
+        http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}),
+        400,
+    )
     assert error["param"] == "messages"
 
 
@@ -109,8 +113,9 @@ def test_a_bad_token_id_in_a_batch_names_the_prompt(
 
 def test_image_content_is_refused(http: httpx.Client, engine: AsyncEngine) -> None:
     parts = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
-    response = http.post("/v1/chat/completions",
-                         json={"messages": [{"role": "user", "content": parts}]})  # fmt: skip
+    response = http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}]}
+    )
     assert "image_url" in error_of(response, 400)["message"]
 
 
@@ -121,8 +126,9 @@ def test_a_chunked_body_over_the_limit_is_a_413(http: httpx.Client, engine: Asyn
             yield b"x" * 1024
         yield b'"}'
 
-    response = http.post("/v1/completions", content=body(),
-                         headers={"content-type": "application/json"})  # fmt: skip
+    response = http.post(
+        "/v1/completions", content=body(), headers={"content-type": "application/json"}
+    )
     assert str(MAX_BODY_BYTES) in error_of(response, 413)["message"]
 
 
@@ -162,8 +168,14 @@ def test_events_are_sse_framed_and_end_with_done(http: httpx.Client, engine: Asy
 
 
 def test_completion_chunks_are_the_protocol_models(http: httpx.Client, engine: AsyncEngine) -> None:
-    body = {"prompt": ["One day", "The sun"], "max_tokens": 5, "temperature": 0, "stream": True,
-            "logprobs": 2, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": ["One day", "The sun"],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "logprobs": 2,
+        "stream_options": {"include_usage": True},
+    }
     with http.stream("POST", "/v1/completions", json=body) as response:
         payloads = sse_data(response)[:-1]
     for payload in payloads:
@@ -173,8 +185,13 @@ def test_completion_chunks_are_the_protocol_models(http: httpx.Client, engine: A
 
 
 def test_chat_chunks_are_the_protocol_models(http: httpx.Client, engine: AsyncEngine) -> None:
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
-            "logprobs": True, "top_logprobs": 1}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         payloads = sse_data(response)[:-1]
     for payload in payloads:
@@ -184,9 +201,10 @@ def test_chat_chunks_are_the_protocol_models(http: httpx.Client, engine: AsyncEn
 
 def test_a_failure_mid_stream_ends_with_an_error_event(tmp_path: Any) -> None:
     engine = AsyncEngine.from_pretrained(None, device="cpu", num_kv_blocks=64)
-    with serve_in_thread(create_app(engine)) as url, httpx.stream(
-        "POST", f"{url}/v1/completions", json=LONG, timeout=60
-    ) as response:
+    with (
+        serve_in_thread(create_app(engine)) as url,
+        httpx.stream("POST", f"{url}/v1/completions", json=LONG, timeout=60) as response,
+    ):
         events = iter_sse(response)
         assert next(events).startswith("{")
         core: Any = engine._core

@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from asyncllm import AsyncEngine  # noqa: E402
-from asyncllm.server import create_app  # noqa: E402
-from tests.servers import serve_in_thread, wait_until_idle  # noqa: E402
+from asyncllm import AsyncEngine
+from asyncllm.server import create_app
+from tests.servers import serve_in_thread, wait_until_idle
 
 CLIENTS = 200
 OPENERS = ["Once upon a time", "One day", "The little cat", "A big red ball", "Tom and Sue"]
@@ -27,9 +27,15 @@ async def one_client(client: httpx.AsyncClient, rng: random.Random, index: int) 
     how it ended."""
     max_tokens = rng.randint(4, 24)
     leave_after = rng.randrange(max_tokens) if index % 3 == 0 else None
-    body = {"prompt": rng.choice(OPENERS), "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 1.0, "seed": index, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": rng.choice(OPENERS),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 1.0,
+        "seed": index,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     await asyncio.sleep(rng.random() * 0.5)  # arrivals spread over half a second
     payloads: list[str] = []
     async with client.stream("POST", "/v1/completions", json=body) as response:

@@ -61,8 +61,9 @@ def greedy(engine: AsyncEngine, prompt: Any, max_tokens: int) -> Any:
 
 def test_completion_has_openai_shape(client: Any, engine: AsyncEngine) -> None:
     before = int(time.time())
-    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
-                                    temperature=0)  # fmt: skip
+    out = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0
+    )
     assert out.id.startswith("cmpl-")
     assert out.object == "text_completion"
     assert before - 1 <= out.created <= time.time() + 1
@@ -82,8 +83,9 @@ def test_completion_text_is_what_the_engine_generates(client: Any, engine: Async
 
 
 def test_max_tokens_defaults_to_16_as_in_openai(client: Any) -> None:
-    out = client.completions.create(model=MODEL, prompt="The cat", temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=MODEL, prompt="The cat", temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == 16
 
 
@@ -94,8 +96,9 @@ def test_token_id_prompts_and_batches_give_one_choice_per_prompt(
     batch = ["Once upon a time", "The sun"]
     single = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
     texts = client.completions.create(model=MODEL, prompt=batch, max_tokens=6, temperature=0)
-    id_lists = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], max_tokens=6,
-                                         temperature=0)  # fmt: skip
+    id_lists = client.completions.create(
+        model=MODEL, prompt=[ids, ids[:2]], max_tokens=6, temperature=0
+    )
     assert single.choices[0].text == greedy(engine, ids, 6).text
     assert [c.index for c in texts.choices] == [0, 1]
     assert [c.text for c in texts.choices] == [greedy(engine, p, 6).text for p in batch]
@@ -105,10 +108,14 @@ def test_token_id_prompts_and_batches_give_one_choice_per_prompt(
 
 
 def test_streamed_completion_adds_up_to_the_full_one(client: Any) -> None:
-    full = client.completions.create(model=MODEL, prompt="A little bird", max_tokens=20,
-                                     temperature=0)  # fmt: skip
-    chunks = list(client.completions.create(model=MODEL, prompt="A little bird", max_tokens=20,
-                                            temperature=0, stream=True))  # fmt: skip
+    full = client.completions.create(
+        model=MODEL, prompt="A little bird", max_tokens=20, temperature=0
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="A little bird", max_tokens=20, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
     assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
@@ -117,10 +124,16 @@ def test_streamed_completion_adds_up_to_the_full_one(client: Any) -> None:
 
 
 def test_include_usage_adds_a_last_chunk_with_the_usage(client: Any) -> None:
-    chunks = list(client.completions.create(
-        model=MODEL, prompt=["Hello", "Bye"], max_tokens=5, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=["Hello", "Bye"],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, last = chunks
     assert last.choices == [] and last.usage.completion_tokens == 10
     assert last.usage.total_tokens == last.usage.prompt_tokens + 10
@@ -133,8 +146,9 @@ def test_include_usage_adds_a_last_chunk_with_the_usage(client: Any) -> None:
 def test_a_stop_string_ends_the_text_before_it(client: Any, engine: AsyncEngine) -> None:
     text = greedy(engine, "Once upon a time", 30).text
     stop = text.split()[3]
-    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=30,
-                                    temperature=0, stop=[stop])  # fmt: skip
+    out = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=30, temperature=0, stop=[stop]
+    )
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == text[: text.index(stop)]
 
@@ -143,16 +157,20 @@ def test_vllm_extensions_reach_the_engine(client: Any, engine: AsyncEngine) -> N
     plain = greedy(engine, "Once upon a time", 10)
     stop_id = plain.token_ids[4]
     out = client.completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0,
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=10,
+        temperature=0,
         extra_body={"stop_token_ids": [stop_id], "min_tokens": 0, "top_k": 5, "min_p": 0.0},
-    )  # fmt: skip
+    )
     assert out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens == plain.token_ids.index(stop_id) + 1
 
 
 def test_completion_logprobs_list_each_token_with_alternatives(client: Any) -> None:
-    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
-                                    temperature=0, logprobs=3)  # fmt: skip
+    out = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, logprobs=3
+    )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
     assert "".join(lp.tokens) == out.choices[0].text
@@ -170,8 +188,9 @@ MESSAGES = [{"role": "system", "content": "Tell stories."}, {"role": "user", "co
 
 
 def test_chat_completion_has_openai_shape(client: Any) -> None:
-    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10,
-                                         temperature=0)  # fmt: skip
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0
+    )
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
     [choice] = out.choices
     assert choice.index == 0 and choice.message.role == "assistant"
@@ -181,8 +200,9 @@ def test_chat_completion_has_openai_shape(client: Any) -> None:
 
 def test_chat_renders_the_chat_template(client: Any, engine: AsyncEngine) -> None:
     ids = engine.tokenizer.apply_chat_template(MESSAGES)
-    out = client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                         max_completion_tokens=12, temperature=0)  # fmt: skip
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_completion_tokens=12, temperature=0
+    )
     assert out.usage.prompt_tokens == len(ids)
     assert out.choices[0].message.content == greedy(engine, ids, 12).text
 
@@ -196,12 +216,19 @@ def test_chat_accepts_text_content_parts(client: Any) -> None:
 
 
 def test_streamed_chat_announces_the_role_then_adds_up(client: Any) -> None:
-    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=15,
-                                          temperature=0)  # fmt: skip
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=15, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))  # fmt: skip
+    full = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=15, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=15,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *content, usage = chunks
     assert content[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -212,8 +239,9 @@ def test_streamed_chat_announces_the_role_then_adds_up(client: Any) -> None:
 
 
 def test_chat_logprobs_give_bytes_and_top_alternatives(client: Any) -> None:
-    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10,
-                                         temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2
+    )
     entries = out.choices[0].logprobs.content
     assert len(entries) == out.usage.completion_tokens
     text = out.choices[0].message.content
@@ -236,20 +264,34 @@ def test_top_logprobs_without_logprobs_is_a_400(client: Any) -> None:
 
 @needs_n
 def test_n_gives_n_choices(client: Any) -> None:
-    out = client.completions.create(model=MODEL, prompt="Once", max_tokens=12, n=3,
-                                    temperature=1.0, seed=7, extra_body={"ignore_eos": True})  # fmt: skip
+    out = client.completions.create(
+        model=MODEL,
+        prompt="Once",
+        max_tokens=12,
+        n=3,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert len({c.text for c in out.choices}) > 1  # sampled independently
     assert out.usage.completion_tokens == 36  # counted over every choice
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=2,
-                                          temperature=1.0, seed=3)  # fmt: skip
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, n=2, temperature=1.0, seed=3
+    )
     assert [c.index for c in chat.choices] == [0, 1]
 
 
 @needs_n
 def test_n_with_a_batch_numbers_choices_prompt_by_prompt(client: Any) -> None:
-    out = client.completions.create(model=MODEL, prompt=["Once", "The sun"], max_tokens=4, n=2,
-                                    temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    out = client.completions.create(
+        model=MODEL,
+        prompt=["Once", "The sun"],
+        max_tokens=4,
+        n=2,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert out.choices[0].text == out.choices[1].text  # greedy: every choice the same
     assert out.usage.completion_tokens == 16
@@ -257,10 +299,18 @@ def test_n_with_a_batch_numbers_choices_prompt_by_prompt(client: Any) -> None:
 
 @needs_n
 def test_streamed_n_interleaves_choices_by_index(client: Any) -> None:
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, n=2, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=8,
+            n=2,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     *content, usage = chunks
     texts = {0: "", 1: ""}
     for chunk in content:
@@ -273,9 +323,14 @@ def test_streamed_n_interleaves_choices_by_index(client: Any) -> None:
 @needs_penalties
 def test_penalties_reach_the_engine(client: Any) -> None:
     out = client.completions.create(
-        model=MODEL, prompt="the the the the", max_tokens=8, temperature=0,
-        presence_penalty=1.5, frequency_penalty=0.5, extra_body={"repetition_penalty": 1.3},
-    )  # fmt: skip
+        model=MODEL,
+        prompt="the the the the",
+        max_tokens=8,
+        temperature=0,
+        presence_penalty=1.5,
+        frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.3},
+    )
     assert out.usage.completion_tokens >= 1
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         client.completions.create(model=MODEL, prompt="x", presence_penalty=5)
@@ -362,25 +417,38 @@ def test_async_client_runs_concurrent_requests(server: tuple[str, AsyncEngine]) 
         client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0)
         prompts = ["Once upon a time", "The sun", "A big dog", "One day"]
         async with client:
-            outs = await asyncio.gather(*(
-                client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0)
-                for p in prompts
-            ))  # fmt: skip
-            chats = await asyncio.gather(*(
-                client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
-                                               messages=[{"role": "user", "content": p}])
-                for p in prompts
-            ))  # fmt: skip
-            stream = await client.completions.create(model=MODEL, prompt=prompts[0],
-                                                     max_tokens=10, temperature=0, stream=True)
+            outs = await asyncio.gather(
+                *(
+                    client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0)
+                    for p in prompts
+                )
+            )
+            chats = await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model=MODEL,
+                        max_tokens=8,
+                        temperature=0,
+                        messages=[{"role": "user", "content": p}],
+                    )
+                    for p in prompts
+                )
+            )
+            stream = await client.completions.create(
+                model=MODEL, prompt=prompts[0], max_tokens=10, temperature=0, stream=True
+            )
             streamed = "".join([c.choices[0].text async for c in stream])
-        return ([o.choices[0].text for o in outs],
-                [c.choices[0].message.content or "" for c in chats], streamed)  # fmt: skip
+        return (
+            [o.choices[0].text for o in outs],
+            [c.choices[0].message.content or "" for c in chats],
+            streamed,
+        )
 
     texts, chats, streamed = asyncio.run(main())
     engine = server[1]
-    assert texts == [greedy(engine, p, 10).text
-                     for p in ["Once upon a time", "The sun", "A big dog", "One day"]]  # fmt: skip
+    assert texts == [
+        greedy(engine, p, 10).text for p in ["Once upon a time", "The sun", "A big dog", "One day"]
+    ]
     assert all(isinstance(c, str) for c in chats)
     assert streamed == texts[0]
 
@@ -422,12 +490,17 @@ def test_a_dead_engine_answers_503_with_retry_after() -> None:
 
 @needs_overload
 def test_a_full_waiting_queue_answers_503_with_retry_after() -> None:
-    engine = AsyncEngine.from_pretrained(None, device="cpu", num_kv_blocks=64, max_num_seqs=1,
-                                         max_waiting_requests=1)  # fmt: skip
+    engine = AsyncEngine.from_pretrained(
+        None, device="cpu", num_kv_blocks=64, max_num_seqs=1, max_waiting_requests=1
+    )
     with serve_in_thread(create_app(engine)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        long = {"model": "tiny-qwen3", "prompt": "x", "max_tokens": 2000,
-                "extra_body": {"ignore_eos": True}}  # fmt: skip
+        long = {
+            "model": "tiny-qwen3",
+            "prompt": "x",
+            "max_tokens": 2000,
+            "extra_body": {"ignore_eos": True},
+        }
         running = client.completions.create(stream=True, **long)
         next(iter(running))  # admitted and decoding
         waiting = client.completions.create(stream=True, **long)  # fills the queue

@@ -7,6 +7,7 @@ import ast
 import asyncio
 import dataclasses
 import inspect
+import itertools
 import logging
 import sys
 import textwrap
@@ -38,11 +39,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         kind = str(field.type).replace(" | None", "")
         help_text = f"{docs.get(field.name, '')} (default: {field.default})".replace("%", "%%")
         if kind == "bool":
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)  # fmt: skip
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            group.add_argument(flag, dest=dest, type=_ENGINE_TYPES[kind], default=None,
-                               help=help_text, metavar=kind.upper())  # fmt: skip
+            group.add_argument(
+                flag,
+                dest=dest,
+                type=_ENGINE_TYPES[kind],
+                default=None,
+                help=help_text,
+                metavar=kind.upper(),
+            )
 
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +80,7 @@ def _engine_field_docs() -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(EngineConfig)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -86,33 +94,62 @@ def _engine_field_docs() -> dict[str, str]:
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=max_tokens,
-                       help=f"most tokens to generate per reply (default: {max_tokens})")  # fmt: skip
-    group.add_argument("--temperature", type=float, default=0.0,
-                       help="0 is greedy; higher samples more freely (default: 0)")  # fmt: skip
-    group.add_argument("--top-p", type=float, default=1.0,
-                       help="sample from the smallest set of tokens whose probability reaches "
-                       "this (default: 1, off)")  # fmt: skip
-    group.add_argument("--top-k", type=int, default=0,
-                       help="sample from the k most likely tokens (default: 0, off)")  # fmt: skip
-    group.add_argument("--seed", type=int, default=None,
-                       help="seed of the sampling, for repeatable output (default: random)")  # fmt: skip
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help=f"most tokens to generate per reply (default: {max_tokens})",
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 is greedy; higher samples more freely (default: 0)",
+    )
+    group.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the smallest set of tokens whose probability reaches "
+        "this (default: 1, off)",
+    )
+    group.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample from the k most likely tokens (default: 0, off)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the sampling, for repeatable output (default: random)",
+    )
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)  # fmt: skip
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
 
 
 # ---- generate --------------------------------------------------------------------------------
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("generate", help="stream a completion of PROMPT to stdout",
-                       description="Stream a completion of PROMPT to stdout.")  # fmt: skip
+    p = sub.add_parser(
+        "generate",
+        help="stream a completion of PROMPT to stdout",
+        description="Stream a completion of PROMPT to stdout.",
+    )
     p.add_argument("prompt", help="the text to continue")
-    p.add_argument("--model", default=None,
-                   help="model directory (default: the embedded tiny model)")  # fmt: skip
+    p.add_argument(
+        "--model", default=None, help="model directory (default: the embedded tiny model)"
+    )
     _add_sampling_args(p, max_tokens=128)
     add_engine_args(p)
     p.set_defaults(run=lambda args: asyncio.run(_generate(args)))
@@ -140,8 +177,12 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "and the conversation is kept; Ctrl-C stops the reply being written, Ctrl-D (end of "
         "input) quits.",
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="model directory with a chat template (default: the embedded model)")  # fmt: skip
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model directory with a chat template (default: the embedded model)",
+    )
     p.add_argument("--system", default=None, help="a system message to start the chat with")
     _add_sampling_args(p, max_tokens=512)
     add_engine_args(p)
@@ -154,8 +195,9 @@ def _chat(args: argparse.Namespace) -> int:
     with LLM(args.model, **engine_overrides(args)) as llm:
         tokenizer = llm.engine.tokenizer
         if not tokenizer.has_chat_template:
-            print(f"error: {args.model or 'the embedded model'} has no chat template",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: {args.model or 'the embedded model'} has no chat template", file=sys.stderr
+            )
             return 2
         history = [{"role": "system", "content": args.system}] if args.system else []
         params = _sampling(args)
@@ -216,28 +258,53 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "flight finish (up to --shutdown-timeout), and exits 0. Needs "
         "`pip install asyncllm[server]`.",
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="model directory (default: the embedded tiny model)")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; the default accepts local clients only, "
-                   "0.0.0.0 accepts any (default: 127.0.0.1)")  # fmt: skip
+    p.add_argument(
+        "model", nargs="?", default=None, help="model directory (default: the embedded tiny model)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; the default accepts local clients only, "
+        "0.0.0.0 accepts any (default: 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` (except on /health and /metrics);"
-                   " also read from $ASYNCLLM_API_KEY (default: no key)")  # fmt: skip
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: the model path, or tiny-qwen3 "
-                   "for the embedded model)")  # fmt: skip
-    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
-                   help="larger request bodies get 413 (default: 16 MiB)")  # fmt: skip
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds to let requests in flight finish after SIGTERM before "
-                   "aborting them (default: 30)")  # fmt: skip
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   help="uvicorn's log level (default: info)")  # fmt: skip
-    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                   help="log one line per request (default: on)")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` (except on /health and /metrics);"
+        " also read from $ASYNCLLM_API_KEY (default: no key)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: the model path, or tiny-qwen3 "
+        "for the embedded model)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 2**20,
+        help="larger request bodies get 413 (default: 16 MiB)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let requests in flight finish after SIGTERM before "
+        "aborting them (default: 30)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level (default: info)",
+    )
+    p.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log one line per request (default: on)",
+    )
     add_engine_args(p)
     p.set_defaults(run=_serve)
 

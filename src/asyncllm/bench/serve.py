@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["RequestResult", "add_parser", "summarize"]
 
@@ -128,9 +128,15 @@ def http_sender(client: Any, model: str, temperature: float) -> Any:
     """Streams one completion over HTTP, timing each chunk with content."""
 
     async def send(prompt: list[int], max_tokens: int, result: RequestResult) -> None:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                "temperature": temperature, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "temperature": temperature,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
         buffer, last = b"", b""
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -184,8 +190,12 @@ def summarize(results: Sequence[RequestResult], elapsed_s: float) -> dict[str, A
         "request_throughput": len(done) / elapsed_s,
         "output_throughput": output_tokens / elapsed_s,
     }
-    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls),
-                         ("e2el", [r.latency for r in done])):  # fmt: skip
+    for name, values in (
+        ("ttft", ttfts),
+        ("tpot", tpots),
+        ("itl", itls),
+        ("e2el", [r.latency for r in done]),
+    ):
         summary[f"{name}_ms"] = _stats_ms(values)
     errors = sorted({r.error for r in results if r.error})
     if errors:
@@ -198,15 +208,20 @@ def _stats_ms(values: Sequence[float]) -> dict[str, float]:
         return {"mean": math.nan, "median": math.nan, "p99": math.nan}
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-    return {"mean": 1e3 * statistics.fmean(ordered), "median": 1e3 * statistics.median(ordered),
-            "p99": 1e3 * p99}  # fmt: skip
+    return {
+        "mean": 1e3 * statistics.fmean(ordered),
+        "median": 1e3 * statistics.median(ordered),
+        "p99": 1e3 * p99,
+    }
 
 
 def table(runs: dict[str, dict[str, Any]]) -> str:
     """The runs side by side, as a plain-text table."""
     names = list(runs)
     rows = [("", *names)]
-    rows.append(("completed / failed", *(f"{r['completed']} / {r['failed']}" for r in runs.values())))
+    rows.append(
+        ("completed / failed", *(f"{r['completed']} / {r['failed']}" for r in runs.values()))
+    )
     rows.append(("duration (s)", *(f"{r['duration_s']:.2f}" for r in runs.values())))
     rows.append(("requests/s", *(f"{r['request_throughput']:.2f}" for r in runs.values())))
     rows.append(("output tok/s", *(f"{r['output_throughput']:,.0f}" for r in runs.values())))
@@ -216,8 +231,10 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
             rows.append((label, *(f"{r[f'{metric}_ms'][stat]:.2f}" for r in runs.values())))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                  enumerate(zip(row, widths)))  # fmt: skip
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        )
         for row in rows
     )
 
@@ -230,8 +247,9 @@ async def bench_http(url: str, workload: Workload, args: argparse.Namespace) -> 
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(None, connect=60)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout,
-                                 headers=_auth(args)) as client:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=timeout, headers=_auth(args)
+    ) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         send = http_sender(client, model, args.temperature)
         warm = Workload(workload.warmup_prompts, [8] * len(workload.warmup_prompts), [])
@@ -266,8 +284,17 @@ def child_server(args: argparse.Namespace) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "asyncllm", "serve", "--port", str(port),
-               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "asyncllm",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     command += [*([args.model] if args.model else []), *engine_flags(engine_overrides(args))]
     server = subprocess.Popen(command, env={**os.environ, "ASYNCLLM_API_KEY": args.api_key or ""})
     url = f"http://127.0.0.1:{port}"
@@ -322,32 +349,69 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     """`asyncllm bench serve`."""
     from asyncllm.cli import add_engine_args
 
-    p = kinds.add_parser("serve", help="latency and throughput of the HTTP server",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--url", default=None,
-                   help="a running server (default: start `asyncllm serve` in a child process)")  # fmt: skip
-    p.add_argument("--model", default=None,
-                   help="model directory the server serves, read for its vocabulary and used "
-                   "to start servers and engines (default: the embedded model)")  # fmt: skip
+    p = kinds.add_parser(
+        "serve",
+        help="latency and throughput of the HTTP server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="a running server (default: start `asyncllm serve` in a child process)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory the server serves, read for its vocabulary and used "
+        "to start servers and engines (default: the embedded model)",
+    )
     p.add_argument("--api-key", default=None, help="the server's API key, if it needs one")
     p.add_argument("--num-requests", type=int, default=256, help="requests (default: 256)")
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="mean requests per second, arriving as a Poisson process (default: "
-                   "inf, all at once)")  # fmt: skip
-    p.add_argument("--max-concurrency", type=int, default=None,
-                   help="most requests in flight at once (default: no limit)")  # fmt: skip
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
-                   help="prompt lengths in tokens, uniform in [MIN, MAX] (default: 100 1024)")  # fmt: skip
-    p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
-                   help="output lengths in tokens, uniform in [MIN, MAX] (default: 100 1024)")  # fmt: skip
-    p.add_argument("--temperature", type=float, default=0.6,
-                   help="sampling temperature (default: 0.6)")  # fmt: skip
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="mean requests per second, arriving as a Poisson process (default: inf, all at once)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="most requests in flight at once (default: no limit)",
+    )
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        nargs=2,
+        default=(100, 1024),
+        metavar=("MIN", "MAX"),
+        help="prompt lengths in tokens, uniform in [MIN, MAX] (default: 100 1024)",
+    )
+    p.add_argument(
+        "--output-len",
+        type=int,
+        nargs=2,
+        default=(100, 1024),
+        metavar=("MIN", "MAX"),
+        help="output lengths in tokens, uniform in [MIN, MAX] (default: 100 1024)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.6, help="sampling temperature (default: 0.6)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
-    p.add_argument("--compare-in-process", action="store_true",
-                   help="also run the workload on an AsyncEngine in this process (after the "
-                   "server has stopped)")  # fmt: skip
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show a progress bar (default: on)")  # fmt: skip
+    p.add_argument(
+        "--compare-in-process",
+        action="store_true",
+        help="also run the workload on an AsyncEngine in this process (after the "
+        "server has stopped)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a progress bar (default: on)",
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     add_engine_args(p)
     p.set_defaults(run=_run)
@@ -381,8 +445,10 @@ def _run(args: argparse.Namespace) -> int:
     result |= runs
     print(table(runs))
     if "http_vs_in_process_output_throughput" in result:
-        print(f"HTTP / in-process output throughput: "
-              f"{result['http_vs_in_process_output_throughput']:.1%}")  # fmt: skip
+        print(
+            f"HTTP / in-process output throughput: "
+            f"{result['http_vs_in_process_output_throughput']:.1%}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0 if all(r["failed"] == 0 for r in runs.values()) else 1
@@ -393,5 +459,5 @@ def _run_loop(coro: Any) -> dict[str, Any]:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)  # type: ignore[no-any-return]
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+        return cast(dict[str, Any], asyncio.run(coro))
+    return cast(dict[str, Any], uvloop.run(coro))

@@ -116,8 +116,9 @@ class _Guard:
         if self.expected is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                await _reply(scope, receive, send, 401, "missing or wrong API key",
-                             code="invalid_api_key")  # fmt: skip
+                await _reply(
+                    scope, receive, send, 401, "missing or wrong API key", code="invalid_api_key"
+                )
                 return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -161,7 +162,11 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 async def _reply(
-    scope: Scope, receive: Receive, send: Send, status: int, message: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    message: str,
     code: str | None = None,
-) -> None:  # fmt: skip
+) -> None:
     await error_response(status, message, code=code)(scope, receive, send)

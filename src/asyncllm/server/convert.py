@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from json.encoder import encode_basestring as _json_str  # C-accelerated: a JSON string literal
-from typing import Any, NamedTuple
+from typing import Any, cast
 
 from asyncllm.engine.core import Prompt
 from asyncllm.outputs import RequestOutput, StreamToken, TokenLogprobs
@@ -81,8 +81,9 @@ def chat_params(request: ChatCompletionRequest) -> SamplingParams:
     """The `SamplingParams` of a chat request (raises `APIError` 400)."""
     _refuse_unsupported(request, tools=None, parallel_tool_calls=None)
     if request.response_format not in (None, {"type": "text"}):
-        raise APIError(400, "only response_format {'type': 'text'} is supported",
-                       param="response_format")  # fmt: skip
+        raise APIError(
+            400, "only response_format {'type': 'text'} is supported", param="response_format"
+        )
     if request.tool_choice not in (None, "none"):
         raise APIError(400, "tool calling is not supported", param="tool_choice")
     if request.top_logprobs is not None and not request.logprobs:
@@ -167,7 +168,8 @@ def _sampling_params(request: Any, max_tokens: int | None, logprobs: int | None)
 # ---- finished outputs ------------------------------------------------------------------------
 
 
-class Choice(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Choice:
     """One choice of a finished request (the engine's `CompletionChoice`)."""
 
     index: int
@@ -199,9 +201,13 @@ def usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
 
 
 def completion_response(
-    request_id: str, created: int, model: str, outputs: Sequence[RequestOutput], n: int,
+    request_id: str,
+    created: int,
+    model: str,
+    outputs: Sequence[RequestOutput],
+    n: int,
     tokenizer: Tokenizer,
-) -> CompletionResponse:  # fmt: skip
+) -> CompletionResponse:
     """The body of a non-streamed completion: choice `i * n + j` is prompt i's choice j."""
     choices = []
     for prompt_index, output in enumerate(outputs):
@@ -256,9 +262,11 @@ def _finish_reason(reason: str | None) -> Any:
 
 
 def _completion_logprobs(
-    token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], tokenizer: Tokenizer,
+    token_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprobs],
+    tokenizer: Tokenizer,
     offset: int = 0,
-) -> CompletionLogprobs:  # fmt: skip
+) -> CompletionLogprobs:
     tokens = [_token_text(tokenizer, t) for t in token_ids]
     offsets = []
     for text in tokens:
@@ -286,8 +294,17 @@ def _chat_token_logprob(token_id: int, lp: TokenLogprobs, tokenizer: Tokenizer) 
 
 def _top_logprob(token_id: int, logprob: float, tokenizer: Tokenizer) -> TopLogprob:
     raw = tokenizer.token_bytes(token_id)
-    return TopLogprob(token=raw.decode("utf-8", "replace"), logprob=_finite(logprob),
-                      bytes=list(raw))  # fmt: skip
+    return TopLogprob(
+        token=raw.decode("utf-8", "replace"), logprob=_finite(logprob), bytes=list(raw)
+    )
+
+
+def _logprobs_of(tokens: Sequence[StreamToken]) -> list[TokenLogprobs]:
+    """The tokens' logprobs, which the engine attaches to every token of a request that
+    asked for them."""
+    found = [t.logprobs for t in tokens]
+    assert all(lp is not None for lp in found), "a token without logprobs"
+    return cast(list[TokenLogprobs], found)
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -301,11 +318,6 @@ def _finite(logprob: float) -> float:
 # ---- streamed events -------------------------------------------------------------------------
 
 
-def sse(payload: str) -> str:
-    """One server-sent event carrying `payload`."""
-    return f"data: {payload}\n\n"
-
-
 class _Events:
     """Shared by both endpoints: every chunk's fixed JSON around its one choice, rendered
     once per request, so an event costs a few string concatenations."""
@@ -313,9 +325,14 @@ class _Events:
     object_name = ""
 
     def __init__(
-        self, request_id: str, created: int, model: str, tokenizer: Tokenizer,
-        include_usage: bool, logprobs: bool,
-    ) -> None:  # fmt: skip
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        tokenizer: Tokenizer,
+        include_usage: bool,
+        logprobs: bool,
+    ) -> None:
         self._tokenizer = tokenizer
         self._logprobs = logprobs
         self._head = (
@@ -339,7 +356,9 @@ class _Events:
         return f'{self._head}],"usage":{usage(outputs).model_dump_json()}}}\n\n'
 
 
-def _by_choice(tokens: Sequence[StreamToken], n: int) -> Iterator[tuple[int, Sequence[StreamToken]]]:
+def _by_choice(
+    tokens: Sequence[StreamToken], n: int
+) -> Iterator[tuple[int, Sequence[StreamToken]]]:
     if n == 1:
         yield 0, tokens
         return
@@ -364,9 +383,15 @@ class CompletionEvents(_Events):
     object_name = "text_completion"
 
     def __init__(
-        self, request_id: str, created: int, model: str, tokenizer: Tokenizer,
-        include_usage: bool, n: int, logprobs: bool,
-    ) -> None:  # fmt: skip
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        tokenizer: Tokenizer,
+        include_usage: bool,
+        n: int,
+        logprobs: bool,
+    ) -> None:
         super().__init__(request_id, created, model, tokenizer, include_usage, logprobs)
         self._n = n
         self._offsets: dict[int, int] = {}
@@ -389,10 +414,8 @@ class CompletionEvents(_Events):
 
     def _logprobs_json(self, index: int, group: Sequence[StreamToken]) -> str:
         offset = self._offsets.get(index, 0)
-        lps = [t.logprobs for t in group]
-        body = _completion_logprobs(
-            [t.token_id for t in group], lps, self._tokenizer, offset  # type: ignore[arg-type]
-        )
+        ids = [t.token_id for t in group]
+        body = _completion_logprobs(ids, _logprobs_of(group), self._tokenizer, offset)
         self._offsets[index] = offset + sum(map(len, body.tokens))
         return body.model_dump_json()
 
@@ -404,9 +427,15 @@ class ChatEvents(_Events):
     object_name = "chat.completion.chunk"
 
     def __init__(
-        self, request_id: str, created: int, model: str, tokenizer: Tokenizer,
-        include_usage: bool, n: int, logprobs: bool,
-    ) -> None:  # fmt: skip
+        self,
+        request_id: str,
+        created: int,
+        model: str,
+        tokenizer: Tokenizer,
+        include_usage: bool,
+        n: int,
+        logprobs: bool,
+    ) -> None:
         super().__init__(request_id, created, model, tokenizer, include_usage, logprobs)
         self._n = n
 
@@ -424,11 +453,13 @@ class ChatEvents(_Events):
             logprobs = "null"
             if self._logprobs:
                 content = [
-                    _chat_token_logprob(t.token_id, t.logprobs, self._tokenizer)  # type: ignore[arg-type]
-                    for t in group
+                    _chat_token_logprob(t.token_id, lp, self._tokenizer)
+                    for t, lp in zip(group, _logprobs_of(group))
                 ]
                 logprobs = ChatLogprobs(content=content).model_dump_json()
             delta = f'{{"content":{_json_str(text)}}}' if text else "{}"
             head = self._choice_head(choice, '"delta":')
-            out.append(f'{head}{delta},"logprobs":{logprobs},"finish_reason":{finish}}}{self._tail}')
+            out.append(
+                f'{head}{delta},"logprobs":{logprobs},"finish_reason":{finish}}}{self._tail}'
+            )
         return "".join(out)

@@ -1,12 +1,12 @@
 """HTTP errors in OpenAI's JSON shape, and which engine error becomes which status code.
 
-    400 invalid_request_error   bad parameters, malformed JSON, a prompt too long
-    401 authentication_error    a missing or wrong API key
-    404 not_found_error         an unknown model or path
-    413 invalid_request_error   a body over the server's limit
-    503 service_unavailable     the engine is dead, stopped, or its waiting queue is full
-                                (with `Retry-After`)
-    500 server_error            anything else (logged with its traceback)
+400 invalid_request_error   bad parameters, malformed JSON, a prompt too long
+401 authentication_error    a missing or wrong API key
+404 not_found_error         an unknown model or path
+413 invalid_request_error   a body over the server's limit
+503 service_unavailable     the engine is dead, stopped, or its waiting queue is full
+                            (with `Retry-After`)
+500 server_error            anything else (logged with its traceback)
 """
 
 from __future__ import annotations

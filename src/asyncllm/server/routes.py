@@ -76,9 +76,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = convert.CompletionEvents(
-                request_id, created, ctx.model_name, tokenizer, include_usage, body.n,
+                request_id,
+                created,
+                ctx.model_name,
+                tokenizer,
+                include_usage,
+                body.n,
                 body.logprobs is not None,
-            )  # fmt: skip
+            )
 
             async def produce(emit: Emit) -> None:
                 await _stream_all(streams, events.events, emit)
@@ -108,9 +113,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = convert.ChatEvents(
-                request_id, created, ctx.model_name, tokenizer, include_usage, body.n,
+                request_id,
+                created,
+                ctx.model_name,
+                tokenizer,
+                include_usage,
+                body.n,
                 body.logprobs,
-            )  # fmt: skip
+            )
 
             async def produce(emit: Emit) -> None:
                 await emit(events.first_events())
@@ -157,8 +167,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
             )
         else:
             tokens = tokenizer.encode(body.prompt or "")
-        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len,
-                                tokens=tokens)  # fmt: skip
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens
+        )
 
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -166,16 +177,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
         vocab = tokenizer.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}",
-                           param="tokens")  # fmt: skip
+            raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
     return router
 
 
 def _model_card(ctx: ServerContext) -> ModelCard:
-    return ModelCard(id=ctx.model_name, created=ctx.created,
-                     max_model_len=ctx.engine.max_model_len)  # fmt: skip
+    return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.engine.max_model_len)
 
 
 def _submit(
