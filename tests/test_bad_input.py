@@ -61,11 +61,8 @@ def test_invalid_engine_config_is_rejected(overrides: dict[str, Any], message: s
 
 
 def test_unknown_attention_backend_is_rejected(random_model_dir: Path) -> None:
-    engine = AsyncEngine.from_pretrained(
-        str(random_model_dir), device="cpu", attention_backend="magic"
-    )
     with pytest.raises(errors.ConfigError, match="magic"):
-        engine._core.load()
+        AsyncEngine.from_pretrained(str(random_model_dir), device="cpu", attention_backend="magic")
 
 
 async def test_bad_requests_fail_and_the_engine_keeps_serving(random_model_dir: Path) -> None:

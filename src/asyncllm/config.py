@@ -11,7 +11,10 @@ import torch
 
 from asyncllm.errors import ConfigError
 
-__all__ = ["EngineConfig"]
+__all__ = ["ATTENTION_BACKEND_NAMES", "EngineConfig"]
+
+ATTENTION_BACKEND_NAMES = ("auto", "torch", "triton", "flash_attn")
+"""Valid `EngineConfig.attention_backend` values ("auto" plus `asyncllm.kernels`' registry)."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -56,7 +59,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse KV blocks of earlier requests that share a prompt prefix."""
     attention_backend: str = "auto"
-    """"auto", "torch", "triton" or "flash_attn"."""
+    """"auto" (the fastest measured for the block size and head size that can run here; the
+    choice and its reason are logged), "triton", "flash_attn" (CUDA, fp16/bf16, block_size a
+    multiple of 256, a head size the installed flash-attn compiled) or "torch" (the
+    reference). A named backend that cannot serve the model raises `ConfigError` at start-up."""
     enforce_eager: bool = False
     """Disable CUDA graphs (they are never used on CPU)."""
     overlap_scheduling: bool | None = None
@@ -94,8 +100,11 @@ class EngineConfig:
             )
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
-        if not isinstance(self.attention_backend, str):
-            raise ConfigError(f"attention_backend must be a string, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKEND_NAMES:
+            raise ConfigError(
+                f"attention_backend must be one of {list(ATTENTION_BACKEND_NAMES)}, "
+                f"got {self.attention_backend!r}"
+            )
 
     def replace(self, **overrides: Any) -> EngineConfig:
         """A copy with `overrides` applied; an unknown field raises `ConfigError`."""
