@@ -106,7 +106,7 @@ def _choose_auto(
     device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
 ) -> BackendChoice:
     order, why = _auto_order(device, block_size, head_dim)
-    skipped = []
+    skipped: list[str] = []
     for candidate in order:
         backend = _try_load(candidate)
         reason = (
