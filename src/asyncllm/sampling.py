@@ -81,13 +81,12 @@ class SamplingParams:
         self._float("top_p", "in (0, 1]", lambda p: 0.0 < p <= 1.0)
         self._float("min_p", "in [0, 1]", lambda p: 0.0 <= p <= 1.0)
         self._int("seed", minimum=0, maximum=MAX_SEED, optional=True)
-        if not all(isinstance(s, str) and s and _is_unicode(s) for s in self.stop):
-            _bad("stop must hold non-empty strings of valid Unicode", self.stop)
-        if not all(_is_int(t, minimum=0, maximum=MAX_INT32) for t in self.stop_token_ids):
-            _bad(
-                f"stop_token_ids must hold ints in [0, {show_bound(MAX_INT32)}]",
-                self.stop_token_ids,
-            )
+        for i, text in enumerate(self.stop):
+            if not (isinstance(text, str) and text and _is_unicode(text)):
+                _bad(f"stop[{i}] must be a non-empty string of valid Unicode", text)
+        for i, token in enumerate(self.stop_token_ids):
+            if not _is_int(token, minimum=0, maximum=MAX_INT32):
+                _bad(f"stop_token_ids[{i}] must be an int in [0, {show_bound(MAX_INT32)}]", token)
         object.__setattr__(self, "stop_token_ids", tuple(map(int, self.stop_token_ids)))
         _require_bool("ignore_eos", self.ignore_eos)
         self._int("min_tokens", minimum=0)

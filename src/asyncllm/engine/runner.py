@@ -180,7 +180,13 @@ class ModelRunner:
         if self.config.kv_cache_bytes is not None:
             budget = self.config.kv_cache_bytes
         elif self.device.type == "cuda":
-            activations = self._profile_activation_bytes()
+            tokens = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+            with allocation_errors(
+                self.device,
+                f"the activations of a step of {tokens} tokens",
+                "lower max_num_batched_tokens or max_num_seqs",
+            ):
+                activations = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
             # What torch holds in its cache but does not use is ours to take.
             used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)

@@ -72,7 +72,8 @@ class Sampler(nn.Module):
         # Logprobs of the model's own distribution (before temperature, filters and the
         # min_tokens bans), as in vLLM: a banned EOS must not inflate every other token's.
         logp = torch.log_softmax(model_logits.float(), dim=-1)
-        top_logprobs, top_ids = logp.topk(params.num_logprobs, dim=-1)
+        # A vocabulary smaller than the top-n asked for gives all of it, not a topk error.
+        top_logprobs, top_ids = logp.topk(min(params.num_logprobs, logp.shape[-1]), dim=-1)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
 
