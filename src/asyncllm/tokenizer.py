@@ -7,7 +7,19 @@ from typing import Any, cast
 
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+__all__ = ["IncrementalDetokenizer", "Tokenizer", "require_unicode"]
+
+
+def require_unicode(text: str, source: str) -> None:
+    """Raise `InvalidRequestError` naming `source` and the position when `text` holds a lone
+    surrogate: Python strings may, but UTF-8 (and so every tokenizer) cannot encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        raise InvalidRequestError(
+            f"{source} is not valid Unicode: lone surrogate {bad!r} at index {exc.start}"
+        ) from None
 
 
 class Tokenizer:
@@ -35,8 +47,13 @@ class Tokenizer:
         """Ids the tokenizer knows, added tokens included (the model may have more rows)."""
         return cast(int, self._backend.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with the special tokens the model expects (e.g. BOS)."""
+    def encode(self, text: str, source: str = "prompt") -> list[int]:
+        """Token ids of `text`, with the special tokens the model expects (e.g. BOS).
+
+        Raises `InvalidRequestError` naming `source` when `text` is not valid Unicode (a lone
+        surrogate, e.g. from a JSON "\\ud800" escape), which no tokenizer can encode.
+        """
+        require_unicode(text, source)
         return cast(list[int], self._hf.encode(text))
 
     def decode(self, token_ids: list[int]) -> str:
@@ -72,6 +89,10 @@ class Tokenizer:
             raise InvalidRequestError(
                 "add_generation_prompt and continue_final_message cannot both be true"
             )
+        for index, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    require_unicode(value, f"message {index} {key!r}")
         try:
             ids = self._hf.apply_chat_template(
                 messages,

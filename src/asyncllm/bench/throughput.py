@@ -29,6 +29,7 @@ import torch
 
 from asyncllm.bench.loop_lag import LagMonitor
 from asyncllm.bench.model import write_random_qwen3
+from asyncllm.config import ATTENTION_BACKEND_NAMES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
 
@@ -79,7 +80,10 @@ async def _streams(engine: AsyncEngine, prompts: list[list[int]], params: list[S
 
 async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int],
                     args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    overrides: dict[str, Any] = {"enforce_eager": args.enforce_eager}
+    overrides: dict[str, Any] = {
+        "enforce_eager": args.enforce_eager,
+        "attention_backend": args.attention_backend,
+    }
     if args.block_size:
         overrides["block_size"] = args.block_size
     engine = AsyncEngine.from_pretrained(str(model_dir), **overrides)
@@ -214,6 +218,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="sampling temperature (default: 0.6)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=0,
                    help="KV block size (default: 0, the engine's default)")  # fmt: skip
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES,
+                   help="attention kernels to use (default: auto)")  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--skip-transformers", action="store_true",
                    help="do not run the transformers baseline")  # fmt: skip
