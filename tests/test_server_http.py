@@ -348,3 +348,17 @@ def test_tokenize_refuses_bad_input(http: httpx.Client, engine: AsyncEngine) -> 
     error_of(http.post("/tokenize", json={"prompt": "x", "messages": []}), 400)
     assert error_of(http.post("/detokenize", json={"tokens": [-1]}), 400)["param"] == "tokens"
     error_of(http.post("/tokenize", json={"prompt": "x", "model": "other"}), 404)
+
+
+def test_a_stream_interval_gathers_tokens_into_fewer_events() -> None:
+    engine = AsyncEngine.from_pretrained(None, device="cpu", num_kv_blocks=64)
+    body = {"prompt": "Once upon a time", "max_tokens": 18, "ignore_eos": True, "stream": True,
+            "temperature": 0, "logprobs": 0}  # fmt: skip
+    with serve_in_thread(create_app(engine, stream_interval=4)) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            chunks = [json.loads(p)["choices"][0] for p in sse_data(response)[:-1]]
+        whole = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}).json()
+    sizes = [len(c["logprobs"]["tokens"]) for c in chunks]
+    assert sizes[0] == 1 and sum(sizes) == 18  # the first token at once, then by fours
+    assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 6
+    assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]

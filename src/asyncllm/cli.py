@@ -287,6 +287,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="larger request bodies get 413 (default: 16 MiB)",
     )
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="fewest tokens per streamed event, but for the first and the last: more costs "
+        "the server less per token, at the price of burstier streams (default: 1)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,

@@ -294,6 +294,8 @@ def child_server(args: argparse.Namespace) -> Iterator[str]:
         "--log-level",
         "warning",
         "--no-access-log",
+        "--stream-interval",
+        str(args.stream_interval),
     ]
     command += [*([args.model] if args.model else []), *engine_flags(engine_overrides(args))]
     server = subprocess.Popen(command, env={**os.environ, "ASYNCLLM_API_KEY": args.api_key or ""})
@@ -401,6 +403,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the started server's --stream-interval: fewest tokens per event (default: 1)",
+    )
+    p.add_argument(
         "--compare-in-process",
         action="store_true",
         help="also run the workload on an AsyncEngine in this process (after the "
@@ -420,6 +428,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _run(args: argparse.Namespace) -> int:
     workload = make_workload(args, _vocab_size(args.model))
     result: dict[str, Any] = {
+        "server": {"url": args.url, "stream_interval": None if args.url else args.stream_interval},
         "workload": {
             "requests": len(workload.prompts),
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
@@ -430,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
             "output_len": list(args.output_len),
             "temperature": args.temperature,
             "seed": args.seed,
-        }
+        },
     }
     runs: dict[str, dict[str, Any]] = {}
     if args.url:

@@ -31,6 +31,7 @@ def create_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    stream_interval: int = 1,
 ) -> FastAPI:
     """An OpenAI-compatible ASGI app (FastAPI) serving `engine`.
 
@@ -38,7 +39,9 @@ def create_app(
     running, the app leaves its lifecycle to you). `served_model_name` is the `model` clients
     send (default: the model path, or "tiny-qwen3" for the embedded model); `api_key`, when
     set, must come as `Authorization: Bearer <key>` on every path but /health and /metrics;
-    bodies over `max_body_bytes` get 413.
+    bodies over `max_body_bytes` get 413. `stream_interval` > 1 gathers that many tokens into
+    each streamed event (but the first and the last): fewer, larger events cost the server
+    less per token, at the price of burstier streams.
 
     Run it with any ASGI server, or mount it in your own app (whose lifespan must then run
     the engine: see examples/fastapi_app.py):
@@ -52,8 +55,10 @@ def create_app(
         raise ValueError("api_key must be a non-empty string or None")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     name = served_model_name or _default_name(engine)
-    ctx = ServerContext(engine, name, int(time.time()), _metrics_renderer(engine))
+    ctx = ServerContext(engine, name, int(time.time()), _metrics_renderer(engine), stream_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -51,6 +51,8 @@ class ServerContext:
     created: int
     metrics: Callable[[], tuple[bytes, str]]
     """Renders the Prometheus exposition: (body, content type)."""
+    stream_interval: int = 1
+    """Fewest tokens per streamed event (the first and the last go out at once)."""
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -86,7 +88,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             )
 
             async def produce(emit: Emit) -> None:
-                await _stream_all(streams, events.events, emit)
+                await _stream_all(streams, events.events, emit, ctx.stream_interval)
                 if include_usage:
                     await emit(events.usage_event([s.output() for s in streams]))
 
@@ -124,7 +126,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
             async def produce(emit: Emit) -> None:
                 await emit(events.first_events())
-                await _stream_all(streams, lambda _, tokens: events.events(tokens), emit)
+                await _stream_all(
+                    streams, lambda _, tokens: events.events(tokens), emit, ctx.stream_interval
+                )
                 if include_usage:
                     await emit(events.usage_event([streams[0].output()]))
 
@@ -231,14 +235,23 @@ async def _stream_all(
     streams: Sequence[RequestStream],
     render: Callable[[int, list[StreamToken]], str],
     emit: Emit,
+    interval: int,
 ) -> None:
-    """Emit `render(prompt_index, tokens)` for every batch of tokens of every stream; the
-    streams are aborted if this ends early (cancelled, or the client is gone)."""
+    """Emit `render(prompt_index, tokens)` for the tokens of every stream, at least
+    `interval` tokens an event but for the first and the last; the streams are aborted if
+    this ends early (cancelled, or the client is gone)."""
 
     async def pump(index: int, put: Emit) -> None:
+        pending: list[StreamToken] = []
+        first = True
         async with streams[index] as stream:
             async for tokens in stream.chunks():  # a slow client gets fewer, larger events
-                await put(render(index, tokens))
+                pending += tokens
+                if first or len(pending) >= interval:
+                    await put(render(index, pending))
+                    pending, first = [], False
+            if pending:
+                await put(render(index, pending))
 
     if len(streams) == 1:
         await pump(0, emit)

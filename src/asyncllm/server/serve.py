@@ -35,6 +35,7 @@ def serve(args: argparse.Namespace, engine_overrides: dict[str, Any]) -> int:
         served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=args.max_body_bytes,
+        stream_interval=args.stream_interval,
     )
     config = uvicorn.Config(
         app,
