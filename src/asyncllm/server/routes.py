@@ -92,7 +92,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 if include_usage:
                     await emit(events.usage_event([s.output() for s in streams]))
 
-            return EventStreamResponse(produce)
+            return EventStreamResponse(produce, close=lambda: _abort(engine, streams))
         done, outputs = await run_unless_disconnected(request.receive, lambda: _finish(streams))
         if not done or outputs is None:
             return Response(status_code=CLIENT_GONE)
@@ -132,7 +132,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 if include_usage:
                     await emit(events.usage_event([streams[0].output()]))
 
-            return EventStreamResponse(produce)
+            return EventStreamResponse(produce, close=lambda: _abort(engine, streams))
         done, outputs = await run_unless_disconnected(request.receive, lambda: _finish(streams))
         if not done or outputs is None:
             return Response(status_code=CLIENT_GONE)
@@ -201,20 +201,21 @@ def _submit(
             engine_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
             streams.append(engine.stream(prompt, params, request_id=engine_id))
     except AsyncLLMError as exc:
-        _abort(streams)
+        _abort(engine, streams)
         error = from_engine_error(exc)
         if len(prompts) > 1:
             error.message = f"prompt {len(streams)}: {error.message}"
         raise error from exc
     except BaseException:
-        _abort(streams)
+        _abort(engine, streams)
         raise
     return streams
 
 
-def _abort(streams: Sequence[RequestStream]) -> None:
+def _abort(engine: AsyncEngine, streams: Sequence[RequestStream]) -> None:
+    """Abort the streams' requests (those already finished are left alone)."""
     for stream in streams:
-        stream._engine.abort(stream.request_id)
+        engine.abort(stream.request_id)
 
 
 async def _finish(streams: Sequence[RequestStream]) -> list[RequestOutput]:
@@ -228,7 +229,7 @@ async def _finish(streams: Sequence[RequestStream]) -> list[RequestOutput]:
 
     if len(streams) == 1:
         return [await drain(streams[0])]
-    return await _gather([functools.partial(drain, stream) for stream in streams], streams)
+    return await _gather([functools.partial(drain, stream) for stream in streams])
 
 
 async def _stream_all(
@@ -262,21 +263,20 @@ async def _stream_all(
     async def pump_all() -> None:
         async with sender:
             pumps = [functools.partial(pump, i, sender.send) for i in range(len(streams))]
-            await _gather(pumps, streams)
+            await _gather(pumps)
 
     async def write_all() -> None:
         async with receiver:
             async for text in receiver:
                 await emit(text)
 
-    await _gather([write_all, pump_all], streams)
+    await _gather([write_all, pump_all])
 
 
-async def _gather(
-    works: Sequence[Callable[[], Awaitable[Any]]], streams: Sequence[RequestStream]
-) -> list[Any]:
-    """Run `works` concurrently and return their results. The first failure cancels the
-    rest, aborts every stream, and is raised as is (not wrapped in an exception group)."""
+async def _gather(works: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run `works` concurrently and return their results. The first failure cancels the rest
+    (each holds its stream in `async with`, so that aborts them) and is raised as is, not
+    wrapped in an exception group."""
     results: list[Any] = [None] * len(works)
     errors: list[Exception] = []
 
@@ -285,7 +285,6 @@ async def _gather(
             results[index] = await works[index]()
         except Exception as exc:
             errors.append(exc)
-            _abort(streams)
             scope.cancel()
 
     async with anyio.create_task_group() as group:

@@ -37,26 +37,36 @@ _HEADERS = {
 
 
 class EventStreamResponse(Response):
-    """A response of server-sent events: whatever `produce(emit)` emits, then `data: [DONE]`.
+    """A response of server-sent events: whatever `produce(emit)` emits, then `data: [DONE]`,
+    then `close()`.
 
     If the client disconnects, `produce` is cancelled. An error inside it is reported as one
     last event in OpenAI's error shape (the status line has gone out already).
     """
 
-    def __init__(self, produce: Callable[[Emit], Awaitable[None]]) -> None:
+    def __init__(
+        self, produce: Callable[[Emit], Awaitable[None]], close: Callable[[], None]
+    ) -> None:
         # Like Starlette's StreamingResponse: no body attribute, hence no Content-Length.
         self.status_code = 200
         self.background = None
         self.init_headers(_HEADERS)
         self._produce = produce
+        self._close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        async with anyio.create_task_group() as group:
-            group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
-            # In a task of its own, not this one: each token resumes the streaming coroutine,
-            # and here it would sit under the whole middleware stack's chain of awaits.
-            group.start_soon(self._stream, send, group.cancel_scope)
+        """Stream; `close()` runs in the end whatever happened (it aborts the requests)."""
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with anyio.create_task_group() as group:
+                group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
+                # In a task of its own, not this one: each token resumes the streaming
+                # coroutine, which here would sit under the middleware stack's chain of awaits.
+                group.start_soon(self._stream, send, group.cancel_scope)
+        except OSError:
+            pass  # the client was gone before the first byte
+        finally:
+            self._close()
 
     async def _stream(self, send: Send, scope: anyio.CancelScope) -> None:
         async def emit(text: str) -> None:
