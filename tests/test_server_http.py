@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from asyncllm import AsyncEngine
+from asyncllm import AsyncEngine, errors
 from asyncllm.server import create_app
 from asyncllm.server.protocol import ChatStreamChunk, CompletionStreamChunk
 from tests.servers import (
@@ -362,3 +362,16 @@ def test_a_stream_interval_gathers_tokens_into_fewer_events() -> None:
     assert sizes[0] == 1 and sum(sizes) == 18  # the first token at once, then by fours
     assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 6
     assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("served_model_name", ""), ("api_key", ""), ("api_key", 5), ("max_body_bytes", 0),
+     ("max_body_bytes", True), ("stream_interval", 0), ("stream_interval", 1.5)],
+)  # fmt: skip
+def test_create_app_refuses_bad_options_naming_them(option: str, value: Any) -> None:
+    engine = AsyncEngine.from_pretrained(None, device="cpu")
+    with pytest.raises(errors.ConfigError, match=option):
+        create_app(engine, **{option: value})
+    with pytest.raises(errors.ConfigError, match="AsyncEngine"):
+        create_app("not an engine")  # type: ignore[arg-type]

@@ -13,8 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.engine.core import DEFAULT_MODEL_DIR
+from asyncllm.errors import ConfigError
 from asyncllm.server.errors import error_response, install_error_handlers
 from asyncllm.server.routes import ServerContext, build_router
+from asyncllm.validation import as_int
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -41,7 +43,7 @@ def create_app(
     set, must come as `Authorization: Bearer <key>` on every path but /health and /metrics;
     bodies over `max_body_bytes` get 413. `stream_interval` > 1 gathers that many tokens into
     each streamed event (but the first and the last): fewer, larger events cost the server
-    less per token, at the price of burstier streams.
+    less per token, at the price of burstier streams. A bad argument raises `ConfigError`.
 
     Run it with any ASGI server, or mount it in your own app (whose lifespan must then run
     the engine: see examples/fastapi_app.py):
@@ -49,14 +51,7 @@ def create_app(
         >>> app = create_app(AsyncEngine.from_pretrained(None))  # doctest: +SKIP
         >>> uvicorn.run(app, port=8000)  # doctest: +SKIP
     """
-    if not isinstance(engine, AsyncEngine):
-        raise TypeError(f"create_app needs an AsyncEngine, got {type(engine).__name__}")
-    if api_key is not None and not api_key:
-        raise ValueError("api_key must be a non-empty string or None")
-    if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    if stream_interval < 1:
-        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+    _check_options(engine, served_model_name, api_key, max_body_bytes, stream_interval)
     name = served_model_name or _default_name(engine)
     ctx = ServerContext(engine, name, int(time.time()), _metrics_renderer(engine), stream_interval)
 
@@ -81,6 +76,21 @@ def create_app(
     app.include_router(build_router(ctx))
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
+
+
+def _check_options(
+    engine: object, name: object, api_key: object, max_body_bytes: object, interval: object
+) -> None:
+    """`ConfigError` naming the first bad argument of `create_app`."""
+    if not isinstance(engine, AsyncEngine):
+        raise ConfigError(f"create_app needs an AsyncEngine, got {type(engine).__name__}")
+    for option, value in (("served_model_name", name), ("api_key", api_key)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise ConfigError(f"{option} must be a non-empty string or None, got {value!r}")
+    for option, value in (("max_body_bytes", max_body_bytes), ("stream_interval", interval)):
+        number = as_int(value)
+        if number is None or number < 1:
+            raise ConfigError(f"{option} must be an int >= 1, got {value!r}")
 
 
 def _default_name(engine: AsyncEngine) -> str:
