@@ -85,7 +85,7 @@ async def test_bad_requests_fail_and_the_engine_keeps_serving(random_model_dir: 
             engine.stream([1], SamplingParams(stop_token_ids=[10_000]))
         with pytest.raises(errors.InvalidRequestError, match="SamplingParams"):
             engine.stream([1], {"temperature": 0})  # type: ignore[arg-type]
-        with pytest.raises(errors.InvalidRequestError, match="already in use"):
+        with pytest.raises(errors.DuplicateRequestIdError, match="already in flight"):
             engine.stream([1], request_id=healthy.request_id)
         tokens = [t.token_id async for t in healthy]
         assert len(tokens) == 20
