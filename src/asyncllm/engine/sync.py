@@ -148,6 +148,7 @@ def _settle(outcome: Future[T], task: asyncio.Task[T]) -> None:
     """Copy a finished task's result, exception or cancellation onto `outcome`."""
     if task.cancelled():
         outcome.cancel()
+        outcome.set_running_or_notify_cancel()  # wakes `wait()`, which cancel() alone does not
     elif (exc := task.exception()) is not None:
         outcome.set_exception(exc)
     else:
