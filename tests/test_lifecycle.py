@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
-import anyio.lowlevel
+import anyio.abc
 import pytest
 
 from asyncllm import LLM, AsyncEngine, SamplingParams, errors
@@ -53,10 +53,14 @@ def run_on(backend: str, scenario: Callable[[AsyncEngine], Awaitable[None]], mod
     anyio.run(scenario, engine_for(model), backend=backend)
 
 
-async def until_state(engine: AsyncEngine, state: EngineState) -> None:
-    with anyio.fail_after(30):
-        while engine._lifecycle.state is not state:
-            await anyio.sleep(0)
+async def begin(group: anyio.abc.TaskGroup, call: Callable[[], Awaitable[None]]) -> None:
+    """Run `call()` in `group`, returning once it has gone as far as its first pause."""
+
+    async def run(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # the call below runs on until it first awaits something
+        await call()
+
+    await group.start(run)
 
 
 # ---- shutdown cancelled ------------------------------------------------------------------------
@@ -136,8 +140,8 @@ async def shut_down_twice_at_once(engine: AsyncEngine) -> None:
     await engine.start()
     streams = [engine.stream([i + 1], SamplingParams(max_tokens=30)) for i in range(3)]
     async with anyio.create_task_group() as group:
-        group.start_soon(functools.partial(engine.shutdown, drain=True))
-        await until_state(engine, EngineState.STOPPING)
+        await begin(group, functools.partial(engine.shutdown, drain=True))
+        assert engine._lifecycle.state is EngineState.STOPPING
         await engine.shutdown()  # waits for the draining call instead of racing it
         assert_freed(engine)
     assert [s.output().finish_reason for s in streams] == ["length"] * 3
@@ -151,8 +155,8 @@ def test_a_second_shutdown_waits_for_the_first(random_model_dir: Path, backend: 
 async def test_a_shutdown_during_start_waits_for_it_then_stops(random_model_dir: Path) -> None:
     engine = engine_for(random_model_dir)
     async with anyio.create_task_group() as group:
-        group.start_soon(engine.start)
-        await until_state(engine, EngineState.STARTING)
+        await begin(group, engine.start)
+        assert engine._lifecycle.state is EngineState.STARTING
         await engine.shutdown()
     assert_freed(engine)
 
@@ -217,8 +221,8 @@ async def test_requests_during_a_drain_are_refused_and_the_accepted_ones_finish(
     await engine.start()
     accepted = [engine.stream([i + 1], SamplingParams(max_tokens=20)) for i in range(3)]
     async with anyio.create_task_group() as group:
-        group.start_soon(functools.partial(engine.shutdown, drain=True))
-        await until_state(engine, EngineState.STOPPING)
+        await begin(group, functools.partial(engine.shutdown, drain=True))
+        assert engine._lifecycle.state is EngineState.STOPPING
         with pytest.raises(errors.EngineNotRunningError, match="stopping"):
             engine.stream([1])
         with pytest.raises(errors.EngineNotRunningError, match="stopping"):
