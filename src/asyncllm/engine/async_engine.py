@@ -300,8 +300,9 @@ class AsyncEngine:
         stream = self._submit_from_thread(token, prompt, params, request_id)
         try:
             return anyio.from_thread.run(_read_to_end, stream, token=token)
-        finally:
-            self._abort_soon(stream._request)  # a no-op once it has finished
+        except BaseException:  # e.g. KeyboardInterrupt here, while the request runs on
+            self._abort_soon(stream._request)
+            raise
 
     def _submit_from_thread(
         self,

@@ -285,6 +285,8 @@ class EngineCore:
         """Drop the model, KV pool and CUDA graphs (the engine has shut down)."""
         if self.runner is not None:
             self.attention_backend = self.runner.attn_backend.name
+            if self.runner.device.type == "cuda":  # a launched step may still be running
+                torch.cuda.synchronize(self.runner.device)
             self.runner = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the freed memory back to the device
