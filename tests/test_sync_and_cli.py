@@ -84,6 +84,10 @@ def test_blocking_calls_inside_a_running_trio_loop_raise(random_model_dir: Path)
                 llm.generate([[1, 2]])
             with pytest.raises(errors.BlockingCallError, match="trio"):
                 llm.stream([1, 2])
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                llm.engine.generate_threadsafe([1, 2])
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                llm.engine.stream_threadsafe([1, 2])
 
         trio.run(inside_trio)
 

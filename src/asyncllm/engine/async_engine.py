@@ -16,6 +16,7 @@ import anyio.lowlevel
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore, Prompt
+from asyncllm.engine.eventloop import running_event_loop
 from asyncllm.engine.lifecycle import Lifecycle
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import LaunchedStep, StepResult
@@ -320,6 +321,11 @@ class AsyncEngine:
             raise BlockingCallError(
                 "a *_threadsafe method was called on the engine's own loop thread; use the "
                 "async method instead"
+            )
+        if (loop := running_event_loop()) is not None:
+            raise BlockingCallError(
+                f"a *_threadsafe method blocks and would freeze the {loop} event loop running "
+                "in this thread; call it from a plain thread"
             )
         assert self._lifecycle.token is not None
         return self._lifecycle.token

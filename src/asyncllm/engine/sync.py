@@ -40,6 +40,7 @@ class LLM:
         _refuse_inside_loop("LLM()")
         self._engine = AsyncEngine.from_pretrained(model, **overrides)
         self._loop = asyncio.new_event_loop()
+        self._closing = threading.Lock()  # close() from two threads at once stops it once
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="asyncllm-llm", daemon=True
         )
@@ -82,13 +83,14 @@ class LLM:
         return self._engine.stats()
 
     def close(self) -> None:
-        """Shut the engine down and stop the loop thread (idempotent)."""
-        if self._loop.is_closed():
-            return
-        try:
-            self._call(self._engine.shutdown)
-        finally:
-            self._stop_loop()
+        """Shut the engine down and stop the loop thread (idempotent, from any thread)."""
+        with self._closing:
+            if self._loop.is_closed():
+                return
+            try:
+                self._call(self._engine.shutdown)
+            finally:
+                self._stop_loop()
 
     def __enter__(self) -> LLM:
         return self
