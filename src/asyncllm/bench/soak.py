@@ -201,6 +201,8 @@ def _format(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, dict):
         return ", ".join(f"{k} {_format(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "/".join(_format(v) for v in value)
     return str(value)
 
 
@@ -627,12 +629,12 @@ def _planted_leaks(options: SoakOptions | None) -> Iterator[None]:
 
 def _plant_wrong_token(jobs: list[Job], outcomes: dict[int, Outcome]) -> None:
     """The wrong-token test hook: token id -1 (which no model draws) as the first token
-    of the first finished request that the isolated runs check."""
+    of the first finished greedy request that the isolated runs check."""
     for job in jobs:
         outcome = outcomes.get(job.number)
-        if job.key is None or outcome is None or outcome.final is None:
+        if outcome is None or outcome.final is None or status_of(outcome) != "finished":
             continue
-        if status_of(outcome) == "finished":
+        if job.key is not None and job.params.is_greedy:
             tokens = [-1, *outcome.final.token_ids[1:]]
             outcomes[job.number] = outcome._replace(
                 received=tokens[: len(outcome.received)],
@@ -753,15 +755,15 @@ def _summary(
         "finished (length)": reasons["length"],
         "aborted": sum(aborted.values()),
         "errored": sum(s == "errored" for s in status.values()),
-        "cancel forms (asked/aborted)": {f: f"{asked[f]}/{aborted[f]}" for f in CANCEL_FORMS},
+        "cancel forms (asked/aborted)": {f: [asked[f], aborted[f]] for f in CANCEL_FORMS},
         "read to the end by": {way: asked[way] for way in READ_WAYS},
         "from other threads": sum(j.in_thread for j in jobs),
-        "greedy finished checked": f"{checked['greedy finished']} of {greedy_finished}",
+        "greedy finished checked/all": [checked["greedy finished"], greedy_finished],
         "seeded finished checked": checked["seeded finished"],
         "cancelled prefixes checked": checked["greedy aborted"] + checked["seeded aborted"],
         "isolated runs": isolated.runs,
         "near-tie divergences excused": isolated.near_ties,
-        "prefix cache hit rate": f"{stats.prefix_cache_hit_rate:.1%}",
+        "prefix cache hit rate": stats.prefix_cache_hit_rate,
         "preemptions": stats.num_preemptions,
         "steps": stats.num_steps,
         "prefix cache resets": clients.resets,
