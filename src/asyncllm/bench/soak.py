@@ -308,11 +308,12 @@ class _Clients:
 
     # ---- submitting and leaving ------------------------------------------------------------
 
-    def _submit(self, job: Job) -> RequestStream:
+    def _submit(self, job: Job, *, track: bool = False) -> RequestStream:
+        """Submit the job's request; `track` keeps the engine's request object (not the
+        stream, which the client must be free to drop) to see how it really ended."""
         stream = self.engine.stream(job.prompt, job.params)
-        # The soak peeks at the engine's request (not the stream, which it must be free to
-        # drop) to see how requests whose client walked away really ended.
-        self._requests[job.number] = stream._request
+        if track:
+            self._requests[job.number] = stream._request
         return stream
 
     def _left(self, job: Job, reader: _Reader) -> Outcome:
@@ -432,7 +433,7 @@ async def _read_some(stream: RequestStream, reader: _Reader, count: int) -> None
 @_way("break")
 async def _break(self: _Clients, job: Job) -> Outcome:
     reader = _Reader(job)
-    async for token in self._submit(job):  # no reference kept: breaking drops the stream
+    async for token in self._submit(job, track=True):  # breaking drops the stream
         await reader.take(token)
         if len(reader.ids) >= max(1, job.cancel_after_tokens):
             break
@@ -469,7 +470,7 @@ async def _abort(self: _Clients, job: Job) -> Outcome:
 
 @_way("drop")
 async def _drop(self: _Clients, job: Job) -> Outcome:
-    reader, stream = _Reader(job), self._submit(job)
+    reader, stream = _Reader(job), self._submit(job, track=True)
     await _read_some(stream, reader, job.cancel_after_tokens)
     alive = weakref.ref(stream)
     del stream
@@ -483,7 +484,7 @@ async def _drop(self: _Clients, job: Job) -> Outcome:
 async def _timeout(self: _Clients, job: Job) -> Outcome:
     reader = _Reader(job)
     with anyio.move_on_after(job.cancel_after_s):
-        async for token in self._submit(job):
+        async for token in self._submit(job, track=True):
             await reader.take(token)
     return self._left(job, reader)
 
@@ -496,7 +497,7 @@ def _reading_task(
 
     async def read() -> None:
         try:
-            async for token in self._submit(job):
+            async for token in self._submit(job, track=True):
                 await reader.take(token)
                 if len(reader.ids) >= job.cancel_after_tokens:
                     reached.set()
@@ -789,178 +790,88 @@ def _overlap(options: SoakOptions) -> str:
 # ---- command line --------------------------------------------------------------------------
 
 
+_HELP = {
+    "requests": "requests to submit",
+    "model": "model directory; None is the embedded tiny model",
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16; greedy "
+    "outputs match their isolated runs exactly only in float32",
+    "seed": "seed of the workload and of the engine: the same seed gives the same requests, "
+    "arrivals and cancellation points",
+    "cancel_fraction": "fraction of clients that walk away early, each by a form drawn at "
+    "random (break, aclose, async_with, task_cancel, scope_cancel, drop, abort, timeout, "
+    "thread_close)",
+    "max_concurrency": "most clients at once; an arrival waits for a free slot",
+    "arrival_rate": "mean arrivals per second (Poisson); 0 lets every request arrive at once",
+    "max_prompt_len": "prompts have 1 to this many tokens",
+    "max_new_tokens": "each request's max_tokens is drawn from 1 to this",
+    "pool_prompts": "size of the pool of shared prompts (groups of 4 sharing a prefix)",
+    "pool_fraction": "fraction of requests that take a pooled prompt and one of 8 fixed "
+    "params; their greedy and seeded outputs are checked against one isolated run per "
+    "(prompt, params)",
+    "reset_probability": "chance that an arrival calls engine.reset_prefix_cache()",
+    "num_kv_blocks": "KV pool size in blocks; small, so that requests get preempted",
+    "block_size": "tokens per KV block",
+    "max_num_seqs": "most requests per engine step",
+    "max_num_batched_tokens": "token budget per step; small, so that prompts are prefilled "
+    "in chunks",
+    "tie_margin": "excuse a greedy divergence where the soak drew its isolated run's "
+    "runner-up token and the two logprobs are within this margin (rounding under another "
+    "batch can flip such a near-tie; counted in the summary); 0 excuses none",
+    "request_timeout_s": "a request that takes longer is a violation",
+    "idle_timeout_s": "how long the engine may stay busy after the last client ended",
+}
+_SPECIAL = {"overlap", "progress", "inject"}  # flags that are not plain --name VALUE
+
+
 def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`asyncllm bench soak`."""
-    d = SoakOptions()
+    """`asyncllm bench soak`: one flag per `SoakOptions` field."""
     p = kinds.add_parser(
         "soak",
-        help="many random requests and cancellations, then check nothing leaked",
+        help="many random requests and cancellations, then check that nothing leaked",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add = p.add_argument
-    add(
-        "--requests", type=int, default=d.requests, help="requests to submit (default: %(default)s)"
-    )
-    add("--model", default=None, help="model directory (default: the embedded tiny model)")
-    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    add(
-        "--dtype",
-        default=d.dtype,
-        help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
-        "bfloat16 or float16; greedy checks are exact only in float32 (default: %(default)s)",
-    )
-    add(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of the workload and of the engine: the "
-        "same seed gives the same requests, arrivals and cancellations (default: %(default)s)",
-    )
-    add(
-        "--cancel-fraction",
-        type=float,
-        default=d.cancel_fraction,
-        help="fraction of "
-        "clients that walk away early, by a form drawn at random (default: %(default)s)",
-    )
-    add(
-        "--max-concurrency",
-        type=int,
-        default=d.max_concurrency,
-        help="most clients at once; an arrival waits for a free slot (default: %(default)s)",
-    )
-    add(
-        "--arrival-rate",
-        type=float,
-        default=d.arrival_rate,
-        help="mean arrivals per second "
-        "(Poisson); 0 lets every request arrive at once (default: %(default)s)",
-    )
-    add(
-        "--max-prompt-len",
-        type=int,
-        default=d.max_prompt_len,
-        help="prompts have 1 to this many tokens (default: %(default)s)",
-    )
-    add(
-        "--max-new-tokens",
-        type=int,
-        default=d.max_new_tokens,
-        help="max_tokens is drawn from 1 to this (default: %(default)s)",
-    )
-    add(
-        "--pool-prompts",
-        type=int,
-        default=d.pool_prompts,
-        help="size of the pool of shared "
-        "prompts (groups of 4 sharing a prefix) (default: %(default)s)",
-    )
-    add(
-        "--pool-fraction",
-        type=float,
-        default=d.pool_fraction,
-        help="fraction of requests "
-        "taking a pooled prompt and fixed params; their greedy and seeded outputs are checked "
-        "against an isolated run (default: %(default)s)",
-    )
-    add(
-        "--reset-probability",
-        type=float,
-        default=d.reset_probability,
-        help="chance that an arrival calls engine.reset_prefix_cache() (default: %(default)s)",
-    )
-    add(
-        "--num-kv-blocks",
-        type=int,
-        default=d.num_kv_blocks,
-        help="KV pool size; small, so requests get preempted (default: %(default)s)",
-    )
-    add(
-        "--block-size",
-        type=int,
-        default=d.block_size,
-        help="tokens per KV block (default: %(default)s)",
-    )
-    add(
-        "--max-num-seqs",
-        type=int,
-        default=d.max_num_seqs,
-        help="most requests per step (default: %(default)s)",
-    )
-    add(
-        "--max-num-batched-tokens",
-        type=int,
-        default=d.max_num_batched_tokens,
-        help="token "
-        "budget per step; small, so prompts are prefilled in chunks (default: %(default)s)",
-    )
-    add(
+    for field in dataclasses.fields(SoakOptions):
+        if field.name not in _SPECIAL:
+            default = field.default
+            p.add_argument(
+                "--" + field.name.replace("_", "-"),
+                type=str if default is None else type(default),
+                default=default,
+                help=_HELP[field.name] + " (default: %(default)s)",
+            )
+    p.add_argument(
         "--overlap",
         choices=("auto", "on", "off"),
         default="auto",
-        help="overlapped scheduling (auto: on for CUDA, off for CPU) (default: %(default)s)",
+        help="overlapped scheduling (auto: on for CUDA, off for CPU)",
     )
-    add(
-        "--tie-margin",
-        type=float,
-        default=d.tie_margin,
-        help="excuse a greedy divergence "
-        "where the soak drew the isolated run's runner-up token and the top-2 logprobs are "
-        "within this margin (rounding under another batch); 0 excuses none (default: "
-        "%(default)s)",
-    )
-    add(
-        "--request-timeout-s",
-        type=float,
-        default=d.request_timeout_s,
-        help="a request taking longer is a violation (default: %(default)s)",
-    )
-    add(
-        "--idle-timeout-s",
-        type=float,
-        default=d.idle_timeout_s,
-        help="how long the engine may stay busy after the last client ended (default: %(default)s)",
-    )
-    add("--no-progress", action="store_true", help="no progress bars")
-    add("--out", default=None, help="also write the summary and violations as JSON here")
-    add(
+    p.add_argument("--no-progress", action="store_true", help="show no progress bars")
+    p.add_argument(
         "--inject",
         action="append",
         choices=INJECTIONS,
         default=[],
-        help="test hook: plant "
-        "this violation, to prove the checker fails (repeatable): leak-block takes a KV "
-        "block, wrong-token corrupts a checked output, leak-task / leak-thread leave a task "
-        "/ an asyncllm-* thread behind, lost-request forgets an ending",
+        help="test hook: plant this violation, to prove that the checker fails (repeatable): "
+        "leak-block takes a KV block, wrong-token corrupts a checked greedy output, "
+        "leak-task / leak-thread leave a task / an asyncllm-* thread behind, lost-request "
+        "forgets one request's ending",
     )
+    p.add_argument("--out", default=None, help="also write the summary and violations as JSON")
     p.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    plain = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SoakOptions)
+        if f.name not in _SPECIAL
+    }
     try:
         options = SoakOptions(
-            requests=args.requests,
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            seed=args.seed,
-            cancel_fraction=args.cancel_fraction,
-            max_concurrency=args.max_concurrency,
-            arrival_rate=args.arrival_rate,
-            max_prompt_len=args.max_prompt_len,
-            max_new_tokens=args.max_new_tokens,
-            pool_prompts=args.pool_prompts,
-            pool_fraction=args.pool_fraction,
-            reset_probability=args.reset_probability,
-            num_kv_blocks=args.num_kv_blocks,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            **plain,
             overlap={"auto": None, "on": True, "off": False}[args.overlap],
-            tie_margin=args.tie_margin,
-            request_timeout_s=args.request_timeout_s,
-            idle_timeout_s=args.idle_timeout_s,
             progress=not args.no_progress,
             inject=tuple(args.inject),
         )
