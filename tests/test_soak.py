@@ -45,15 +45,15 @@ def test_short_soak_passes_every_check() -> None:
     assert summary["requests submitted"] == 300
     ended = summary["finished (stop)"] + summary["finished (length)"] + summary["aborted"]
     assert ended == 300 and summary["errored"] == 0
-    # The workload really went through what the soak claims to exercise.
-    assert all(
-        asked > 0 and aborted > 0
-        for asked, aborted in summary["cancel forms (asked/aborted)"].values()
-    )
+    # The workload really went through what the soak claims to exercise. (A timeout may
+    # outlast its request on a fast machine, so only the other forms must have aborted.)
+    forms = summary["cancel forms (asked/aborted)"]
+    assert all(asked > 0 for asked, _ in forms.values())
+    assert all(aborted > 0 for form, (_, aborted) in forms.items() if form != "timeout")
     assert summary["from other threads"] > 0
     assert summary["preemptions"] > 0
     assert summary["prefix cache hit rate"] > 0.05
-    assert summary["prefix cache resets"] >= 0
+    assert summary["prefix cache resets"] > 0
     checked, finished_greedy = summary["greedy finished checked/all"]
     assert checked >= 40 and checked <= finished_greedy
     assert summary["seeded finished checked"] > 10
