@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import torch
 
@@ -316,12 +317,20 @@ class _Clients:
             self._requests[job.number] = stream._request
         return stream
 
-    def _left(self, job: Job, reader: _Reader) -> Outcome:
-        """The outcome of a request whose client let go of its stream: it must have ended
-        (finished earlier, or aborted by the leaving) by now."""
+    async def _left(self, job: Job, reader: _Reader) -> Outcome:
+        """The outcome of a request whose client let go of its stream. It must have ended
+        (finished earlier, or aborted by the leaving) within a few turns of the event loop
+        (an abort from a finaliser may be queued onto the loop), without help from the
+        garbage collector."""
         request = self._requests.pop(job.number)
+        for _ in range(3):
+            if request.is_finished:
+                break
+            await anyio.lowlevel.checkpoint()
         if not request.is_finished:
             gc.collect()  # a stream kept alive by a reference cycle is aborted by its __del__
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
             problem = "was aborted only by a full garbage collection"
             if not request.is_finished:
                 problem = "was still running after its client left; the soak aborted it"
@@ -437,7 +446,7 @@ async def _break(self: _Clients, job: Job) -> Outcome:
         await reader.take(token)
         if len(reader.ids) >= max(1, job.cancel_after_tokens):
             break
-    return self._left(job, reader)
+    return await self._left(job, reader)
 
 
 @_way("aclose")
@@ -477,7 +486,7 @@ async def _drop(self: _Clients, job: Job) -> Outcome:
     gc.collect()
     if alive() is not None:
         self.violations.append(f"[cancel] request {job.number}: a dropped stream stayed alive")
-    return self._left(job, reader)
+    return await self._left(job, reader)
 
 
 @_way("timeout")
@@ -486,7 +495,7 @@ async def _timeout(self: _Clients, job: Job) -> Outcome:
     with anyio.move_on_after(job.cancel_after_s):
         async for token in self._submit(job, track=True):
             await reader.take(token)
-    return self._left(job, reader)
+    return await self._left(job, reader)
 
 
 def _reading_task(
@@ -516,7 +525,7 @@ async def _task_cancel(self: _Clients, job: Job) -> Outcome:
     task.cancel()
     await asyncio.wait([task])
     del task
-    return self._left(job, reader)
+    return await self._left(job, reader)
 
 
 @_way("scope_cancel")
@@ -527,7 +536,7 @@ async def _scope_cancel(self: _Clients, job: Job) -> Outcome:
         with anyio.move_on_after(job.cancel_after_s):
             await reached.wait()
         group.cancel_scope.cancel()
-    return self._left(job, reader)
+    return await self._left(job, reader)
 
 
 @_way("thread_close")
