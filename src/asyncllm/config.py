@@ -63,9 +63,17 @@ class EngineConfig:
     """Schedule step N+1 while the device runs step N; None: on for CUDA, off for CPU."""
     seed: int = 0
     """Seed of the engine's sampling; requests without their own seed draw one from it."""
+    tensor_parallel_size: int = 1
+    """Ranks (GPUs) each layer is split across: rank 0 runs in this process, ranks 1..N-1 in
+    worker processes it spawns (or that `torchrun` started); see README, "Tensor parallelism"."""
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "tensor_parallel_size",
+        ):
             _require_positive_int(name, getattr(self, name))
         for name in ("max_model_len", "num_kv_blocks", "kv_cache_bytes"):
             value = getattr(self, name)

@@ -4,6 +4,11 @@ A step goes in as `SeqStep`s, is turned into device tensors by `prepare`, is enq
 `launch` (CUDA-graph replay for decode steps) and read back by `collect`. On CUDA every
 kernel runs on the runner's own stream, and `collect` waits on an event, so the thread that
 schedules the next step never blocks on the GPU.
+
+Under tensor parallelism the same class runs on every rank, each with its shard of the model
+and KV heads. Rank 0's runner also sends each step's `HostStep` to the other ranks (through
+its `workers`), samples, and broadcasts the drawn tokens, which the next step's pending inputs
+read on every rank; the other ranks run `launch` on what they receive and never sample.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -20,12 +25,14 @@ from asyncllm.config import EngineConfig
 from asyncllm.context import forward_context
 from asyncllm.engine.cuda_graphs import DecodeGraphs
 from asyncllm.engine.inputs import (
+    HostStep,
     PinnedStaging,
     PreparedStep,
     SampleSpec,
     SeqStep,
     StepBatch,
-    prepare_step,
+    device_step,
+    pack_step,
 )
 from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
@@ -34,7 +41,11 @@ from asyncllm.layers.sampler import Sampler, SamplerOutput
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.loader import load_model
 from asyncllm.outputs import TokenLogprobs
+from asyncllm.parallel import TPGroup, kv_head_shard
 from asyncllm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from asyncllm.engine.workers import WorkerPool
 
 __all__ = [
     "LaunchedStep",
@@ -49,6 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
+_LOAD_TIMEOUT_S = 3600.0  # ranks wait this long for each other to load their shards
 
 
 class StepResult(NamedTuple):
@@ -63,18 +75,27 @@ class LaunchedStep(NamedTuple):
 
     token_ids: torch.Tensor
     """Drawn tokens, on the device: the next step's pending inputs come from here."""
-    host: SamplerOutput
-    """Host copies of the sampler's output (complete once `done` has fired)."""
+    host: SamplerOutput | None
+    """Host copies of the sampler's output (complete once `done` has fired); None on ranks
+    other than 0, which do not sample."""
     done: torch.cuda.Event | None
 
 
 class ModelRunner:
-    """Loads a model onto a device, allocates its paged KV pool and executes steps."""
+    """Loads a model (or, with a `TPGroup`, this rank's shard of it) onto a device, allocates
+    its paged KV pool and executes steps."""
 
-    def __init__(self, model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        tp: TPGroup | None = None,
+    ) -> None:
         self.config = config
         self.model_config = model_config
-        self.device = config.torch_device()
+        self.tp = tp or TPGroup()
+        self.device = self.tp.device or config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         self.block_size = config.block_size
         cuda = self.device.type == "cuda"
@@ -84,8 +105,13 @@ class ModelRunner:
         # More buffers than steps in flight: one is reused only after its step was collected.
         self._host_tokens = [_pinned_tokens(config.max_num_seqs) for _ in range(6)] if cuda else []
         self._next_host = 0
+        self.workers: WorkerPool | None = None
+        """On rank 0 of a tensor-parallel group: the other ranks, attached once all are ready
+        (until then every rank runs the same start-up steps on its own)."""
         with self.on_stream():
-            self.model = load_model(model_dir, model_config, self.device, self.dtype)
+            self.model = load_model(model_dir, model_config, self.device, self.dtype, self.tp)
+            if self.tp.is_parallel:  # start measuring and capturing together
+                self.tp.cpu_min(0, timeout_s=_LOAD_TIMEOUT_S)
             self.attn_backend = create_attention_backend(
                 config.attention_backend,
                 self.device,
@@ -109,7 +135,8 @@ class ModelRunner:
             logger.info("attention backend %s: decode steps run eagerly", self.attn_backend.name)
             return None
         return DecodeGraphs(self.model, self.attn_backend, self.stream, self.config.max_num_seqs,
-                            self.max_model_len, self.block_size)  # fmt: skip
+                            self.max_model_len, self.block_size,
+                            collectives=self.tp.is_parallel)  # fmt: skip
 
     @contextlib.contextmanager
     def on_stream(self) -> Iterator[None]:
@@ -123,16 +150,22 @@ class ModelRunner:
     # ---- KV pool -------------------------------------------------------------------------
 
     @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank holds (all of them at world size 1)."""
+        heads = self.model_config.num_key_value_heads
+        return heads // kv_head_shard(heads, self.tp)[1]
+
+    @property
     def kv_block_bytes(self) -> int:
-        """Bytes one block takes across all layers, keys and values."""
+        """Bytes one block takes on this rank across all layers, keys and values."""
         cfg = self.model_config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        per_token = 2 * cfg.num_hidden_layers * self.num_kv_heads * cfg.head_dim
         return per_token * self.block_size * self.dtype.itemsize
 
     def _bind_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
         shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size,
-                 cfg.num_key_value_heads, cfg.head_dim)  # fmt: skip
+                 self.num_kv_heads, cfg.head_dim)  # fmt: skip
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for index, layer in enumerate(layers):
@@ -140,6 +173,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> int:
         num_blocks = self.config.num_kv_blocks or self._blocks_that_fit()
+        if self.tp.is_parallel:  # a block id means the same slots on every rank
+            num_blocks = self.tp.cpu_min(num_blocks)
         self._bind_kv_cache(num_blocks)
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB)",
@@ -233,11 +268,17 @@ class ModelRunner:
         return self.collect(self.launch(prepared, None))
 
     def prepare(self, batch: StepBatch) -> PreparedStep:
-        """Turn `batch` into device tensors (enqueued on the runner's stream)."""
+        """Turn `batch` into device tensors (enqueued on the runner's stream); on rank 0 of a
+        tensor-parallel group, also send it to the other ranks."""
+        host = pack_step(batch, self.block_size)
+        if self.workers is not None:
+            self.workers.send_step(host)
+        return self.prepare_host(host)
+
+    def prepare_host(self, host: HostStep) -> PreparedStep:
+        """Device tensors for a step already packed on the host (enqueued on the stream)."""
         with self.on_stream():
-            return prepare_step(
-                batch, self.block_size, self.device, self.attn_backend, self.staging
-            )
+            return device_step(host, self.device, self.attn_backend, self.staging)
 
     @torch.inference_mode()
     def launch(self, prepared: PreparedStep, previous: LaunchedStep | None) -> LaunchedStep:
@@ -246,13 +287,17 @@ class ModelRunner:
         `previous` is the step launched just before, whose drawn tokens feed this step's
         pending inputs.
         """
-        with self.on_stream():
+        with self.on_stream(), self._worker_failures():
             input_ids = prepared.input_ids
             if prepared.pending_dst is not None:
                 assert previous is not None, "a pending token needs the step that drew it"
                 input_ids[prepared.pending_dst] = previous.token_ids[prepared.pending_src]
             logits = self._logits(prepared, input_ids)
+            if not self.tp.is_driver:
+                return LaunchedStep(self._receive_tokens(prepared), None, None)
             out = self.sampler(logits, prepared.sampling)
+            if self.tp.is_parallel and out.token_ids.numel():
+                self.tp.broadcast(out.token_ids)  # every rank's next pending inputs
             if self.stream is None:
                 return LaunchedStep(out.token_ids, out, None)
             host = self._to_host(out)
@@ -279,11 +324,34 @@ class ModelRunner:
         with forward_context(prepared.ctx):
             return self.model.compute_logits(self.model(input_ids))
 
+    def _receive_tokens(self, prepared: PreparedStep) -> torch.Tensor:
+        """The tokens rank 0 draws this step (a rank other than 0 never samples)."""
+        rows = prepared.ctx.logits_indices.shape[0]
+        tokens = torch.empty(rows, dtype=torch.int64, device=self.device)
+        return self.tp.broadcast(tokens) if rows else tokens
+
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step (blocking only the calling thread) and read its tokens."""
         if launched.done is not None:
-            launched.done.synchronize()
+            if self.workers is None:
+                launched.done.synchronize()
+            else:  # also notices a rank that died or hangs, instead of waiting forever
+                self.workers.wait(launched.done)
+        if launched.host is None:
+            return StepResult([], [])
         return _to_result(launched.host)
+
+    def _worker_failures(self) -> contextlib.AbstractContextManager[None]:
+        """On rank 0 of a group: a failure caused by another rank raises as that rank's."""
+        return self.workers.failures() if self.workers is not None else contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Stop the other ranks (rank 0 of a group) and leave the groups; the model's memory
+        goes once the runner is dropped."""
+        self.graphs = None
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
 
 def _new_stream(device: torch.device) -> torch.cuda.Stream:

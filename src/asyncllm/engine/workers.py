@@ -1,0 +1,512 @@
+"""Tensor-parallel ranks as processes: rank 0 is the engine, ranks 1..N-1 serve its steps.
+
+`start_runner` builds the engine's `ModelRunner`. With tensor_parallel_size N > 1 it first
+starts the other ranks, either
+
+- spawned here (the default): N-1 worker processes (spawn, so CUDA is safe), meeting rank 0
+  through a `TCPStore` on 127.0.0.1 at a port the OS picks, so engines never collide; or
+- started by torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, one process per
+  rank, any number of nodes): ranks > 0 call `serve_torchrun_worker` instead of building an
+  engine (`asyncllm generate` does this on its own).
+
+Every rank then builds the same `ModelRunner` on its shard, and the other ranks loop in
+`serve_steps`: receive a step from rank 0, launch it, repeat, until rank 0 says stop.
+
+Failures: a worker that raises reports its exception through a pipe and exits; rank 0 watches
+its workers' pipes and process sentinels, aborts its groups when one fails (so nothing waits
+on the dead rank), and raises `EngineError` naming the rank. A rank that hangs fails the step
+after `ASYNCLLM_TP_TIMEOUT_S` (default 300) seconds. Workers leave when rank 0 goes (its pipe
+closes, or their parent process changes), and shutdown stops, then terminates, then kills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed
+
+from asyncllm.config import EngineConfig
+from asyncllm.engine.runner import LaunchedStep, ModelRunner
+from asyncllm.engine.step_channel import StepReceiver, StepSender
+from asyncllm.errors import AsyncLLMError, ConfigError, EngineError
+from asyncllm.model.config import ModelConfig
+from asyncllm.parallel import DEFAULT_TIMEOUT_S, TPGroup, connect
+
+__all__ = [
+    "WorkerPool",
+    "serve_steps",
+    "serve_torchrun_worker",
+    "start_runner",
+    "torchrun_rank",
+]
+
+logger = logging.getLogger(__name__)
+
+# torch's type stubs export neither TCPStore, PrefixStore nor rendezvous.
+dist: Any = torch.distributed
+
+_STOP_TIMEOUT_S = 10.0  # a worker told to stop has this long to exit before it is terminated
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Engines built so far in this process under torchrun: every rank builds them in the same
+# order, so the k-th engine of each rank meets the others under the same store prefix.
+_torchrun_engines = itertools.count()
+
+
+def timeout_s() -> float:
+    """How long a rank may take over a step before it counts as hung (ASYNCLLM_TP_TIMEOUT_S)."""
+    raw = os.environ.get("ASYNCLLM_TP_TIMEOUT_S")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"ASYNCLLM_TP_TIMEOUT_S must be a positive number, got {raw!r}")
+    return value
+
+
+def rank_device(config: EngineConfig, rank: int, local_rank: int | None = None) -> torch.device:
+    """The device of `rank`: on CUDA, the configured GPU plus the rank (or torchrun's
+    LOCAL_RANK); on CPU, the CPU."""
+    base = config.torch_device()
+    if base.type != "cuda":
+        return base
+    index = (base.index or 0) + rank if local_rank is None else local_rank
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"tensor_parallel_size {config.tensor_parallel_size} needs GPU {index}, but only "
+            f"{torch.cuda.device_count()} are visible"
+        )
+    return torch.device("cuda", index)
+
+
+# ---- rank 0 ----------------------------------------------------------------------------------
+
+
+def start_runner(model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> ModelRunner:
+    """The engine's runner: alone at tensor_parallel_size 1, else rank 0 of a group whose
+    other ranks run in worker processes (spawned here, or started by torchrun)."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(model_dir, model_config, config)
+    if torchrun_rank() is not None:
+        return _start_under_torchrun(model_dir, model_config, config)
+    return _start_spawned(model_dir, model_config, config)
+
+
+class _WorkerSpec(NamedTuple):
+    """What a spawned worker needs to build its rank (pickled once, at spawn)."""
+
+    model_dir: Path
+    model_config: ModelConfig
+    config: EngineConfig
+    rank: int
+    host: str
+    port: int
+    device: torch.device
+    timeout_s: float
+
+
+def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> ModelRunner:
+    world, limit = config.tensor_parallel_size, timeout_s()
+    devices = [rank_device(config, rank) for rank in range(world)]
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    context = mp.get_context("spawn")
+    processes, errors, lifelines = [], [], []
+    for rank in range(1, world):
+        error_end, error_out = context.Pipe(duplex=False)
+        life_in, life_end = context.Pipe(duplex=False)
+        spec = _WorkerSpec(model_dir, model_config, config, rank, "127.0.0.1", store.port,
+                           devices[rank], limit)  # fmt: skip
+        process = context.Process(target=_worker_main, args=(spec, error_out, life_in),
+                                  name=f"asyncllm-tp-rank{rank}", daemon=True)  # fmt: skip
+        process.start()
+        error_out.close()  # the child's ends: closing ours lets EOF through
+        life_in.close()
+        processes.append(process)
+        errors.append(error_end)
+        lifelines.append(life_end)
+    pool = WorkerPool(processes, errors, lifelines, store)
+    try:
+        pool.attach(pool.connect_rank0(devices[0], limit))
+        runner = ModelRunner(model_dir, model_config, config, pool.tp)
+    except BaseException as exc:
+        error = pool.startup_error(exc)
+        pool.close()
+        raise error from error.__cause__
+    runner.workers = pool
+    logger.info("tensor parallelism: %d ranks, workers %s", world, pool.pids)
+    return runner
+
+
+def _start_under_torchrun(
+    model_dir: Path, model_config: ModelConfig, config: EngineConfig
+) -> ModelRunner:
+    rank, world, local_rank = _torchrun_ranks(config)
+    if rank != 0:
+        raise EngineError(
+            f"torchrun rank {rank} must serve steps, not build an engine: call "
+            "asyncllm.engine.workers.serve_torchrun_worker(config) on ranks > 0"
+        )
+    tp = _torchrun_group(config, rank, world, local_rank)
+    pool = WorkerPool([], [], [], None)
+    pool.attach(tp)
+    try:
+        runner = ModelRunner(model_dir, model_config, config, tp)
+    except BaseException:
+        pool.close()
+        raise
+    runner.workers = pool
+    return runner
+
+
+class WorkerPool:
+    """Rank 0's handle on the other ranks: sends them steps, notices a failed or hung rank
+    (raising `EngineError` instead of waiting forever), and stops them at shutdown."""
+
+    def __init__(
+        self, processes: Sequence[BaseProcess], errors: list[Connection],
+        lifelines: list[Connection], store: Any,
+    ) -> None:  # fmt: skip
+        self._processes = list(processes)
+        self._errors = errors
+        self._lifelines = lifelines
+        self._store = store
+        self.tp = TPGroup()
+        self.sender: StepSender | None = None
+        self._failure: EngineError | None = None
+        self._failure_cause: BaseException | None = None
+        self._failed = threading.Event()
+        self._closing = threading.Event()
+        self._monitor: threading.Thread | None = None
+        if processes:
+            self._monitor = threading.Thread(target=self._watch, name="asyncllm-tp-monitor",
+                                             daemon=True)  # fmt: skip
+            self._monitor.start()
+        # If the engine is dropped without a shutdown, the workers still go.
+        self._finalizer = weakref.finalize(self, _kill_all, list(processes))
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the spawned workers (rank 1 first; empty under torchrun)."""
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    def attach(self, tp: TPGroup) -> None:
+        """Rank 0's groups, once built."""
+        self.tp = tp
+        self.sender = StepSender(tp)
+
+    def connect_rank0(self, device: torch.device, limit_s: float) -> TPGroup:
+        """Build rank 0's groups, giving up as soon as a worker fails (building them waits
+        for every rank, which a worker that died while starting would never join)."""
+        world = len(self._processes) + 1
+        result: list[Any] = []
+
+        def build() -> None:
+            try:
+                result.append(connect(self._store, 0, world, device, loopback=True,
+                                      timeout_s=limit_s))  # fmt: skip
+            except BaseException as exc:
+                result.append(exc)
+
+        builder = threading.Thread(target=build, name="asyncllm-tp-connect", daemon=True)
+        builder.start()
+        while builder.is_alive():
+            builder.join(0.05)
+            self.raise_if_failed()  # the builder is left to time out on its own
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        group: TPGroup = result[0]
+        return group
+
+    # ---- failures ----------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Monitor thread: a message on a worker's pipe is its exception; a process that ends
+        before shutdown is a death."""
+        ranks: dict[Any, tuple[int, BaseProcess]] = {}
+        for rank, (process, pipe) in enumerate(zip(self._processes, self._errors), start=1):
+            ranks[process.sentinel] = (rank, process)
+            ranks[pipe] = (rank, process)
+        waiting: list[Any] = list(ranks)
+        while waiting and not self._closing.is_set():
+            for ready in wait(waiting, timeout=0.5):
+                rank, process = ranks[ready]
+                if isinstance(ready, Connection):
+                    waiting.remove(ready)
+                    self._read_error(ready, rank, process)
+                elif not self._closing.is_set():
+                    waiting.remove(ready)
+                    self._fail(rank, process, None)
+
+    def _read_error(self, pipe: Connection, rank: int, process: BaseProcess) -> None:
+        try:
+            exc = pipe.recv()
+        except (EOFError, OSError):  # closed without a message: the sentinel tells the rest
+            return
+        except Exception as unpicklable:  # the worker's exception could not be rebuilt here
+            exc = EngineError(f"(its exception could not be read: {unpicklable!r})")
+        self._fail(rank, process, exc)
+
+    def _fail(self, rank: int | None, process: BaseProcess | None, cause: BaseException | None
+              ) -> None:  # fmt: skip
+        if self._failed.is_set():
+            return
+        if cause is not None:
+            what = f"raised {cause!r}"
+        elif process is not None:
+            process.join(0.1)
+            what = f"died ({_exit_reason(process.exitcode)})"
+        else:
+            what = f"did not finish a step within {self.tp.timeout_s:g} s (a rank hangs)"
+        who = (
+            f"tensor-parallel rank {rank} (pid {process.pid})" if process else "tensor parallelism"
+        )
+        self._failure = EngineError(f"{who} {what}")
+        self._failure_cause = cause
+        self._failed.set()
+        logger.error("%s", self._failure)
+        self.tp.abort()  # whatever waits on the failed rank fails now, on the device too
+
+    def raise_if_failed(self) -> None:
+        """Raise the failure of another rank, if one happened."""
+        if self._failure is not None:
+            raise self._failure from self._failure_cause
+
+    @contextlib.contextmanager
+    def failures(self) -> Iterator[None]:
+        """Raise a failure inside the block as the failing rank's, when another rank caused
+        it (a dead rank's sockets close a moment before its death is noticed)."""
+        try:
+            yield
+        except Exception as exc:
+            if self._processes:
+                self._failed.wait(2.0)
+            if self._failure is None:
+                raise
+            raise self._failure from self._failure_cause or exc
+
+    def startup_error(self, exc: BaseException) -> BaseException:
+        """The error to raise when building the ranks failed with `exc` on rank 0: rank 0's
+        own typed error, else the failing worker's (its typed error when it has one)."""
+        if isinstance(exc, AsyncLLMError) or not isinstance(exc, Exception):
+            return exc
+        if self._processes:
+            self._failed.wait(2.0)
+        if self._failure is None:
+            return exc
+        if isinstance(self._failure_cause, AsyncLLMError):
+            return self._failure_cause
+        self._failure.__cause__ = self._failure_cause or exc
+        return self._failure
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Wait for `event` (a launched step) while watching the other ranks: raises when one
+        failed, or when the step takes longer than the timeout."""
+        deadline = time.monotonic() + self.tp.timeout_s
+        polls = 0
+        while not event.query():  # type: ignore[no-untyped-call]
+            self.raise_if_failed()
+            polls += 1
+            if polls % 64 == 0 and time.monotonic() > deadline:
+                self._fail(None, None, None)
+                self.raise_if_failed()
+            # Spin (yielding the GIL) through a typical step, then back off.
+            time.sleep(0 if polls < 4096 else 0.0002)
+
+    # ---- steps and shutdown ------------------------------------------------------------------
+
+    def send_step(self, host: Any) -> None:
+        """Broadcast a step's `HostStep` to the other ranks."""
+        self.raise_if_failed()
+        assert self.sender is not None, "send_step() before attach()"
+        with self.failures():
+            self.sender.send(host)
+
+    def close(self) -> None:
+        """Stop the workers (they exit once told; terminated, then killed, if they do not),
+        abort the groups and close the store. Never waits on a dead or hung rank for long."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        graceful = self._failure is None and self.sender is not None
+        if graceful:
+            assert self.sender is not None
+            try:
+                self.sender.stop(timeout_s=_STOP_TIMEOUT_S)
+            except Exception:  # a worker is gone: the rest is terminated below
+                graceful = False
+        _stop_processes(self._processes, _STOP_TIMEOUT_S if graceful else 0.0)
+        if self._monitor is not None:
+            self._monitor.join(2.0)
+        for pipe in (*self._errors, *self._lifelines):
+            pipe.close()  # a worker still alive (it cannot be) would see its parent gone
+        self.tp.abort()  # never a comm teardown that waits for its peers
+        self.tp, self.sender, self._store = TPGroup(), None, None
+        self._finalizer.detach()
+
+
+def _stop_processes(processes: list[BaseProcess], grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(3.0)
+        if process.is_alive():
+            process.kill()
+            process.join(3.0)
+
+
+def _kill_all(processes: list[BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(3.0)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+# ---- ranks 1..N-1 ----------------------------------------------------------------------------
+
+
+def serve_steps(runner: ModelRunner) -> None:
+    """A worker rank's loop: launch each step rank 0 sends, until it says stop.
+
+    The drawn tokens of a step reach this rank by broadcast inside `launch`, so the next
+    step's pending inputs are read on the device, as on rank 0; the host never waits here
+    except for the next step's inputs.
+    """
+    receiver = StepReceiver(runner.tp)
+    previous: LaunchedStep | None = None
+    while (host := receiver.recv()) is not None:
+        previous = runner.launch(runner.prepare_host(host), previous)
+    if runner.stream is not None:
+        runner.stream.synchronize()
+
+
+def _worker_main(spec: _WorkerSpec, errors: Connection, lifeline: Connection) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
+    _exit_with_parent(lifeline)
+    code = 0
+    try:
+        if spec.device.type == "cuda":
+            torch.cuda.set_device(spec.device)
+        store = dist.TCPStore(spec.host, spec.port, spec.config.tensor_parallel_size,
+                              is_master=False)  # fmt: skip
+        tp = connect(store, spec.rank, spec.config.tensor_parallel_size, spec.device,
+                     loopback=True, timeout_s=spec.timeout_s)  # fmt: skip
+        serve_steps(ModelRunner(spec.model_dir, spec.model_config, spec.config, tp))
+    except BaseException as exc:
+        code = 1
+        _report(errors, exc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown: destroying a NCCL communicator can wait on peers that are
+    # gone; the process's exit frees its GPU memory either way.
+    os._exit(code)
+
+
+def _report(errors: Connection, exc: BaseException) -> None:
+    try:
+        errors.send(exc)
+    except Exception:  # not picklable: send what it says
+        with contextlib.suppress(Exception):
+            errors.send(EngineError(f"{type(exc).__name__}: {exc}"))
+
+
+def _exit_with_parent(lifeline: Connection) -> None:
+    """Exit this worker as soon as rank 0's process is gone (its end of the lifeline closes,
+    or this process is handed to another parent)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            try:
+                if lifeline.poll(1.0):
+                    lifeline.recv()  # rank 0 never writes: this is EOF
+            except (EOFError, OSError):
+                os._exit(1)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="asyncllm-tp-lifeline", daemon=True).start()
+
+
+# ---- torchrun --------------------------------------------------------------------------------
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun (or another env:// launcher) started it, else None."""
+    if not all(name in os.environ for name in _TORCHRUN_ENV):
+        return None
+    return int(os.environ["RANK"])
+
+
+def serve_torchrun_worker(config: EngineConfig) -> None:
+    """On torchrun ranks > 0: build this rank's shard and serve rank 0's steps until it shuts
+    down. Rank 0 builds the engine as usual, with the same `config`.
+
+    Example (every rank runs this script, `torchrun --nproc-per-node 2 script.py`):
+        >>> config = EngineConfig(model=path, tensor_parallel_size=2)  # doctest: +SKIP
+        >>> if torchrun_rank() != 0:  # doctest: +SKIP
+        ...     serve_torchrun_worker(config)
+        ... else:
+        ...     with LLM(path, tensor_parallel_size=2) as llm: ...
+    """
+    from asyncllm.engine.core import DEFAULT_MODEL_DIR
+
+    rank, world, local_rank = _torchrun_ranks(config)
+    model_dir = Path(config.model) if config.model is not None else DEFAULT_MODEL_DIR
+    model_config = ModelConfig.from_dir(model_dir)
+    device = rank_device(config, rank, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tp = _torchrun_group(config, rank, world, local_rank)
+    try:
+        serve_steps(ModelRunner(model_dir, model_config, config, tp))
+    finally:
+        tp.abort()
+
+
+def _torchrun_ranks(config: EngineConfig) -> tuple[int, int, int]:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != config.tensor_parallel_size:
+        raise ConfigError(
+            f"torchrun started WORLD_SIZE {world} processes but tensor_parallel_size is "
+            f"{config.tensor_parallel_size}: start one process per rank"
+        )
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def _torchrun_group(config: EngineConfig, rank: int, world: int, local_rank: int) -> TPGroup:
+    limit = timeout_s()
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=limit)))
+    prefixed = dist.PrefixStore(f"asyncllm/{next(_torchrun_engines)}/", store)
+    device = rank_device(config, rank, local_rank)
+    return connect(prefixed, rank, world, device, loopback=False, timeout_s=limit)
