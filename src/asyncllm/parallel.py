@@ -47,6 +47,7 @@ __all__ = [
 
 # torch's type stubs export neither the stores nor the backend classes used here.
 dist: Any = torch.distributed
+_c10d: Any = torch._C._distributed_c10d
 
 DEFAULT_TIMEOUT_S = 300.0
 """How long a collective may wait for the other ranks before it fails (a rank hangs)."""
@@ -91,7 +92,8 @@ class TPGroup:
         """Every rank's `tensor` [n, ...] stacked in rank order: [world_size * n, ...]."""
         tensor = tensor.contiguous()
         out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
-        self.device_group._allgather_base(out, tensor, _options(dist.AllgatherOptions())).wait()
+        opts = _options(_c10d.AllgatherOptions())  # not re-exported by torch.distributed
+        self.device_group._allgather_base(out, tensor, opts).wait()
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -3,8 +3,9 @@
 `start_runner` builds the engine's `ModelRunner`. With tensor_parallel_size N > 1 it first
 starts the other ranks, either
 
-- spawned here (the default): N-1 worker processes (spawn, so CUDA is safe), meeting rank 0
-  through a `TCPStore` on 127.0.0.1 at a port the OS picks, so engines never collide; or
+- spawned here (the default): N-1 fresh interpreters (no fork, so CUDA is safe), meeting
+  rank 0 through a `TCPStore` on 127.0.0.1 at a port the OS picks, so engines never
+  collide; or
 - started by torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, one process per
   rank, any number of nodes): ranks > 0 call `serve_torchrun_worker` instead of building an
   engine (`asyncllm generate` does this on its own).
@@ -13,10 +14,11 @@ Every rank then builds the same `ModelRunner` on its shard, and the other ranks 
 `serve_steps`: receive a step from rank 0, launch it, repeat, until rank 0 says stop.
 
 Failures: a worker that raises reports its exception through a pipe and exits; rank 0 watches
-its workers' pipes and process sentinels, aborts its groups when one fails (so nothing waits
-on the dead rank), and raises `EngineError` naming the rank. A rank that hangs fails the step
-after `ASYNCLLM_TP_TIMEOUT_S` (default 300) seconds. Workers leave when rank 0 goes (its pipe
-closes, or their parent process changes), and shutdown stops, then terminates, then kills.
+those pipes (end of file: the process ended), aborts its groups when a worker fails (so
+nothing waits on the dead rank) and raises `EngineError` naming the rank. A rank that hangs
+fails the step after `ASYNCLLM_TP_TIMEOUT_S` (default 300) seconds. Workers leave when rank 0
+goes (their stdin closes, or their parent changes), and shutdown stops them, then terminates,
+then kills what is left.
 """
 
 from __future__ import annotations
@@ -24,19 +26,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import multiprocessing as mp
 import os
+import pickle
+import select
 import signal
+import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import torch
 import torch.distributed
@@ -111,7 +114,7 @@ def start_runner(model_dir: Path, model_config: ModelConfig, config: EngineConfi
 
 
 class _WorkerSpec(NamedTuple):
-    """What a spawned worker needs to build its rank (pickled once, at spawn)."""
+    """What a spawned worker needs to build its rank (pickled once, at start)."""
 
     model_dir: Path
     model_config: ModelConfig
@@ -123,27 +126,53 @@ class _WorkerSpec(NamedTuple):
     timeout_s: float
 
 
+class _Worker(NamedTuple):
+    """A spawned rank, as rank 0 holds it."""
+
+    rank: int
+    process: subprocess.Popen[bytes]
+    errors: Connection
+    """The worker's exception, if it raises; end of file once its process has ended."""
+    lifeline: IO[bytes]
+    """The worker's stdin: it exits when this closes (rank 0's process is gone)."""
+
+
+# A fresh interpreter, not multiprocessing's spawn: that would re-run the caller's __main__
+# module in every worker (a script without `if __name__ == "__main__":` would start engines
+# recursively).
+_BOOTSTRAP = (
+    "import pickle, sys\n"
+    "boot = pickle.load(sys.stdin.buffer)\n"
+    "sys.path[:] = boot['path']\n"
+    "from asyncllm.engine.workers import _worker_main\n"
+    "_worker_main(boot)\n"
+)
+
+
+def _spawn(spec: _WorkerSpec) -> _Worker:
+    read_fd, write_fd = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP], stdin=subprocess.PIPE, pass_fds=(write_fd,)
+        )
+    finally:
+        os.close(write_fd)  # the child's end: once it exits, reading here gives EOF
+    assert process.stdin is not None
+    boot = {"path": list(sys.path), "errors_fd": write_fd, "spec": pickle.dumps(spec)}
+    pickle.dump(boot, process.stdin)
+    process.stdin.flush()
+    return _Worker(spec.rank, process, Connection(read_fd, writable=False), process.stdin)
+
+
 def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> ModelRunner:
     world, limit = config.tensor_parallel_size, timeout_s()
     devices = [rank_device(config, rank) for rank in range(world)]
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
-    context = mp.get_context("spawn")
-    processes, errors, lifelines = [], [], []
-    for rank in range(1, world):
-        error_end, error_out = context.Pipe(duplex=False)
-        life_in, life_end = context.Pipe(duplex=False)
-        spec = _WorkerSpec(model_dir, model_config, config, rank, "127.0.0.1", store.port,
-                           devices[rank], limit)  # fmt: skip
-        process = context.Process(target=_worker_main, args=(spec, error_out, life_in),
-                                  name=f"asyncllm-tp-rank{rank}", daemon=True)  # fmt: skip
-        process.start()
-        error_out.close()  # the child's ends: closing ours lets EOF through
-        life_in.close()
-        processes.append(process)
-        errors.append(error_end)
-        lifelines.append(life_end)
-    pool = WorkerPool(processes, errors, lifelines, store)
+    pool = WorkerPool(store)
     try:
+        for rank in range(1, world):
+            pool.add(_spawn(_WorkerSpec(model_dir, model_config, config, rank, "127.0.0.1",
+                                        store.port, devices[rank], limit)))  # fmt: skip
         pool.attach(pool.connect_rank0(devices[0], limit))
         runner = ModelRunner(model_dir, model_config, config, pool.tp)
     except BaseException as exc:
@@ -165,7 +194,7 @@ def _start_under_torchrun(
             "asyncllm.engine.workers.serve_torchrun_worker(config) on ranks > 0"
         )
     tp = _torchrun_group(config, rank, world, local_rank)
-    pool = WorkerPool([], [], [], None)
+    pool = WorkerPool(None)
     pool.attach(tp)
     try:
         runner = ModelRunner(model_dir, model_config, config, tp)
@@ -178,34 +207,38 @@ def _start_under_torchrun(
 
 class WorkerPool:
     """Rank 0's handle on the other ranks: sends them steps, notices a failed or hung rank
-    (raising `EngineError` instead of waiting forever), and stops them at shutdown."""
+    (raising `EngineError` instead of waiting forever), and stops them at shutdown.
 
-    def __init__(
-        self, processes: Sequence[BaseProcess], errors: list[Connection],
-        lifelines: list[Connection], store: Any,
-    ) -> None:  # fmt: skip
-        self._processes = list(processes)
-        self._errors = errors
-        self._lifelines = lifelines
+    It holds the workers it spawned (none under torchrun, which owns its processes) and the
+    store they met at.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._workers: list[_Worker] = []
         self._store = store
         self.tp = TPGroup()
         self.sender: StepSender | None = None
-        self._failure: EngineError | None = None
+        self._failure: str | None = None
+        """What failed (another rank, or a step that took too long), once something did."""
         self._failure_cause: BaseException | None = None
         self._failed = threading.Event()
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
-        if processes:
-            self._monitor = threading.Thread(target=self._watch, name="asyncllm-tp-monitor",
-                                             daemon=True)  # fmt: skip
-            self._monitor.start()
-        # If the engine is dropped without a shutdown, the workers still go.
-        self._finalizer = weakref.finalize(self, _kill_all, list(processes))
+        # If the engine is dropped without a shutdown, the workers still go at exit.
+        self._finalizer = weakref.finalize(self, _kill_all, self._workers)
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the spawned workers (rank 1 first; empty under torchrun)."""
-        return [p.pid for p in self._processes if p.pid is not None]
+        return [worker.process.pid for worker in self._workers]
+
+    def add(self, worker: _Worker) -> None:
+        """Watch a spawned worker (all are added before `connect_rank0`)."""
+        self._workers.append(worker)
+        if self._monitor is None:
+            self._monitor = threading.Thread(target=self._watch, name="asyncllm-tp-monitor",
+                                             daemon=True)  # fmt: skip
+            self._monitor.start()
 
     def attach(self, tp: TPGroup) -> None:
         """Rank 0's groups, once built."""
@@ -215,7 +248,7 @@ class WorkerPool:
     def connect_rank0(self, device: torch.device, limit_s: float) -> TPGroup:
         """Build rank 0's groups, giving up as soon as a worker fails (building them waits
         for every rank, which a worker that died while starting would never join)."""
-        world = len(self._processes) + 1
+        world = len(self._workers) + 1
         result: list[Any] = []
 
         def build() -> None:
@@ -238,56 +271,50 @@ class WorkerPool:
     # ---- failures ----------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Monitor thread: a message on a worker's pipe is its exception; a process that ends
-        before shutdown is a death."""
-        ranks: dict[Any, tuple[int, BaseProcess]] = {}
-        for rank, (process, pipe) in enumerate(zip(self._processes, self._errors), start=1):
-            ranks[process.sentinel] = (rank, process)
-            ranks[pipe] = (rank, process)
-        waiting: list[Any] = list(ranks)
-        while waiting and not self._closing.is_set():
-            for ready in wait(waiting, timeout=0.5):
-                rank, process = ranks[ready]
-                if isinstance(ready, Connection):
-                    waiting.remove(ready)
-                    self._read_error(ready, rank, process)
-                elif not self._closing.is_set():
-                    waiting.remove(ready)
-                    self._fail(rank, process, None)
+        """Monitor thread: a message on a worker's pipe is its exception; end of file there
+        means its process ended, which before shutdown is a death."""
+        waiting: dict[Connection, _Worker] = {}
+        while not self._closing.is_set():
+            waiting.update((w.errors, w) for w in self._workers if w.errors not in waiting)
+            live = [pipe for pipe in waiting if not pipe.closed]
+            for ready in wait(live, timeout=0.2):
+                assert isinstance(ready, Connection)
+                self._read(ready, waiting[ready])
+            if all(pipe.closed for pipe in waiting) and len(waiting) == len(self._workers):
+                return
 
-    def _read_error(self, pipe: Connection, rank: int, process: BaseProcess) -> None:
+    def _read(self, pipe: Connection, worker: _Worker) -> None:
         try:
-            exc = pipe.recv()
-        except (EOFError, OSError):  # closed without a message: the sentinel tells the rest
-            return
-        except Exception as unpicklable:  # the worker's exception could not be rebuilt here
-            exc = EngineError(f"(its exception could not be read: {unpicklable!r})")
-        self._fail(rank, process, exc)
+            cause: BaseException | None = pipe.recv()
+        except (EOFError, OSError):  # the process has ended
+            pipe.close()
+            cause = None
+        except Exception as unreadable:  # the worker's exception could not be rebuilt here
+            cause = EngineError(f"(its exception could not be read: {unreadable!r})")
+        if not self._closing.is_set():
+            self._fail(worker, cause)
 
-    def _fail(self, rank: int | None, process: BaseProcess | None, cause: BaseException | None
-              ) -> None:  # fmt: skip
+    def _fail(self, worker: _Worker | None, cause: BaseException | None) -> None:
         if self._failed.is_set():
             return
-        if cause is not None:
-            what = f"raised {cause!r}"
-        elif process is not None:
-            process.join(0.1)
-            what = f"died ({_exit_reason(process.exitcode)})"
+        if worker is None:
+            what = f"tensor parallelism: a step did not finish within {self.tp.timeout_s:g} s"
+        elif cause is not None:
+            what = f"tensor-parallel rank {worker.rank} (pid {worker.process.pid}) raised {cause!r}"
         else:
-            what = f"did not finish a step within {self.tp.timeout_s:g} s (a rank hangs)"
-        who = (
-            f"tensor-parallel rank {rank} (pid {process.pid})" if process else "tensor parallelism"
-        )
-        self._failure = EngineError(f"{who} {what}")
-        self._failure_cause = cause
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(1.0)
+            reason = _exit_reason(worker.process.returncode)
+            what = f"tensor-parallel rank {worker.rank} (pid {worker.process.pid}) died ({reason})"
+        self._failure, self._failure_cause = what, cause
         self._failed.set()
-        logger.error("%s", self._failure)
+        logger.error("%s", what)
         self.tp.abort()  # whatever waits on the failed rank fails now, on the device too
 
     def raise_if_failed(self) -> None:
         """Raise the failure of another rank, if one happened."""
         if self._failure is not None:
-            raise self._failure from self._failure_cause
+            raise EngineError(self._failure) from self._failure_cause
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -296,25 +323,26 @@ class WorkerPool:
         try:
             yield
         except Exception as exc:
-            if self._processes:
+            if self._workers:
                 self._failed.wait(2.0)
             if self._failure is None:
                 raise
-            raise self._failure from self._failure_cause or exc
+            raise EngineError(self._failure) from self._failure_cause or exc
 
     def startup_error(self, exc: BaseException) -> BaseException:
         """The error to raise when building the ranks failed with `exc` on rank 0: rank 0's
         own typed error, else the failing worker's (its typed error when it has one)."""
         if isinstance(exc, AsyncLLMError) or not isinstance(exc, Exception):
             return exc
-        if self._processes:
+        if self._workers:
             self._failed.wait(2.0)
         if self._failure is None:
             return exc
         if isinstance(self._failure_cause, AsyncLLMError):
             return self._failure_cause
-        self._failure.__cause__ = self._failure_cause or exc
-        return self._failure
+        error = EngineError(self._failure)
+        error.__cause__ = self._failure_cause or exc
+        return error
 
     def wait(self, event: torch.cuda.Event) -> None:
         """Wait for `event` (a launched step) while watching the other ranks: raises when one
@@ -325,7 +353,7 @@ class WorkerPool:
             self.raise_if_failed()
             polls += 1
             if polls % 64 == 0 and time.monotonic() > deadline:
-                self._fail(None, None, None)
+                self._fail(None, None)
                 self.raise_if_failed()
             # Spin (yielding the GIL) through a typical step, then back off.
             time.sleep(0 if polls < 4096 else 0.0002)
@@ -352,34 +380,36 @@ class WorkerPool:
                 self.sender.stop(timeout_s=_STOP_TIMEOUT_S)
             except Exception:  # a worker is gone: the rest is terminated below
                 graceful = False
-        _stop_processes(self._processes, _STOP_TIMEOUT_S if graceful else 0.0)
+        _stop_workers(self._workers, _STOP_TIMEOUT_S if graceful else 0.0)
         if self._monitor is not None:
             self._monitor.join(2.0)
-        for pipe in (*self._errors, *self._lifelines):
-            pipe.close()  # a worker still alive (it cannot be) would see its parent gone
+        for worker in self._workers:
+            worker.errors.close()
+            worker.lifeline.close()
         self.tp.abort()  # never a comm teardown that waits for its peers
         self.tp, self.sender, self._store = TPGroup(), None, None
         self._finalizer.detach()
 
 
-def _stop_processes(processes: list[BaseProcess], grace_s: float) -> None:
+def _stop_workers(workers: list[_Worker], grace_s: float) -> None:
     deadline = time.monotonic() + grace_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(3.0)
-        if process.is_alive():
-            process.kill()
-            process.join(3.0)
+    for worker in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        for end in (worker.process.terminate, worker.process.kill):
+            if worker.process.poll() is None:
+                end()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.process.wait(3.0)
 
 
-def _kill_all(processes: list[BaseProcess]) -> None:
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join(3.0)
+def _kill_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(3.0)
 
 
 def _exit_reason(code: int | None) -> str:
@@ -409,18 +439,19 @@ def serve_steps(runner: ModelRunner) -> None:
         runner.stream.synchronize()
 
 
-def _worker_main(spec: _WorkerSpec, errors: Connection, lifeline: Connection) -> None:
-    """Entry point of a spawned worker process."""
+def _worker_main(boot: dict[str, Any]) -> None:
+    """Entry point of a spawned worker process (see `_BOOTSTRAP`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
-    _exit_with_parent(lifeline)
+    errors = Connection(boot["errors_fd"], readable=False)
+    _exit_with_parent(sys.stdin.fileno())
     code = 0
     try:
+        spec: _WorkerSpec = pickle.loads(boot["spec"])
+        world = spec.config.tensor_parallel_size
         if spec.device.type == "cuda":
             torch.cuda.set_device(spec.device)
-        store = dist.TCPStore(spec.host, spec.port, spec.config.tensor_parallel_size,
-                              is_master=False)  # fmt: skip
-        tp = connect(store, spec.rank, spec.config.tensor_parallel_size, spec.device,
-                     loopback=True, timeout_s=spec.timeout_s)  # fmt: skip
+        store = dist.TCPStore(spec.host, spec.port, world, is_master=False)
+        tp = connect(store, spec.rank, world, spec.device, loopback=True, timeout_s=spec.timeout_s)
         serve_steps(ModelRunner(spec.model_dir, spec.model_config, spec.config, tp))
     except BaseException as exc:
         code = 1
@@ -440,20 +471,17 @@ def _report(errors: Connection, exc: BaseException) -> None:
             errors.send(EngineError(f"{type(exc).__name__}: {exc}"))
 
 
-def _exit_with_parent(lifeline: Connection) -> None:
-    """Exit this worker as soon as rank 0's process is gone (its end of the lifeline closes,
-    or this process is handed to another parent)."""
+def _exit_with_parent(lifeline: int) -> None:
+    """Exit this worker as soon as rank 0's process is gone: its end of our stdin closes, or
+    this process is handed to another parent."""
     parent = os.getppid()
 
     def watch() -> None:
-        while True:
-            try:
-                if lifeline.poll(1.0):
-                    lifeline.recv()  # rank 0 never writes: this is EOF
-            except (EOFError, OSError):
-                os._exit(1)
-            if os.getppid() != parent:
-                os._exit(1)
+        while os.getppid() == parent:
+            readable, _, _ = select.select([lifeline], [], [], 1.0)
+            if readable and not os.read(lifeline, 4096):
+                break  # end of file: rank 0 never writes after the start-up message
+        os._exit(1)
 
     threading.Thread(target=watch, name="asyncllm-tp-lifeline", daemon=True).start()
 
