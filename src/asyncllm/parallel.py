@@ -1,8 +1,8 @@
 """Tensor parallelism's groundwork: who this rank is, its collectives, and its weight slices.
 
 A `TPGroup` is handed to every sharded layer when the model is built. It carries two
-`torch.distributed` process groups that belong to one engine alone (never the process-wide
-default group, so two engines in one process never share one):
+`torch.distributed` process groups (`Groups`) that belong to one engine alone (never the
+process-wide default group, so two engines in one process never share one):
 
 - `device_group`: the collectives of the forward pass (NCCL on CUDA, gloo on CPU);
 - `cpu_group`: gloo over TCP, for what rank 0 tells the other ranks (step inputs, stop).
@@ -37,6 +37,7 @@ from asyncllm.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "Groups",
     "TPGroup",
     "WeightShard",
     "check_divisible",
@@ -53,6 +54,33 @@ DEFAULT_TIMEOUT_S = 300.0
 """How long a collective may wait for the other ranks before it fails (a rank hangs)."""
 
 
+class Groups:
+    """The two process groups of one rank of one engine.
+
+    `abort` makes collectives blocked in them fail (also on the device, where NCCL kernels
+    waiting on a dead rank exit); `close` aborts and lets them go, so their sockets close even
+    while the model (whose layers hold the `TPGroup`) is still referenced. Both are best
+    effort and bounded in time: they run on a helper thread, left behind if a backend hangs.
+    """
+
+    def __init__(self, device_group: Any, cpu_group: Any) -> None:
+        self.device_group = device_group
+        """Collectives of the forward pass: ProcessGroupNCCL (CUDA) or ProcessGroupGloo."""
+        self.cpu_group = cpu_group
+        """A ProcessGroupGloo for host tensors: step inputs, agreements between ranks."""
+
+    def abort(self) -> None:
+        """Fail whatever waits in either group now."""
+        groups = [g for g in (self.device_group, self.cpu_group) if g is not None]
+        if groups:
+            _bounded(lambda: _abort_all(groups), timeout_s=10.0)
+
+    def close(self) -> None:
+        """Abort, then drop both groups (collectives raise from now on)."""
+        self.abort()
+        self.device_group = self.cpu_group = None
+
+
 @dataclass(frozen=True, slots=True)
 class TPGroup:
     """This rank's place in a tensor-parallel group, and the group's collectives.
@@ -65,10 +93,8 @@ class TPGroup:
     world_size: int = 1
     device: torch.device | None = None
     """The device this rank's shard lives on (None: the engine config's device)."""
-    device_group: Any = None
-    """The backend of the forward pass's collectives (ProcessGroupNCCL or ProcessGroupGloo)."""
-    cpu_group: Any = None
-    """A ProcessGroupGloo for host tensors: step inputs, agreements between ranks."""
+    groups: Groups | None = None
+    """The process groups (None at world size 1)."""
     timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
@@ -85,7 +111,7 @@ class TPGroup:
         """Sum `tensor` over the ranks, in place; returns it."""
         opts = _options(dist.AllreduceOptions())
         opts.reduceOp = dist.ReduceOp.SUM
-        self.device_group.allreduce([tensor], opts).wait()
+        self._device_group().allreduce([tensor], opts).wait()
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -93,20 +119,20 @@ class TPGroup:
         tensor = tensor.contiguous()
         out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
         opts = _options(_c10d.AllgatherOptions())  # not re-exported by torch.distributed
-        self.device_group._allgather_base(out, tensor, opts).wait()
+        self._device_group()._allgather_base(out, tensor, opts).wait()
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `tensor` on every rank with rank `src`'s (device group); returns it."""
         opts = _options(dist.BroadcastOptions())
         opts.rootRank = src
-        self.device_group.broadcast([tensor], opts).wait()
+        self._device_group().broadcast([tensor], opts).wait()
         return tensor
 
     def cpu_broadcast(self, tensor: torch.Tensor, timeout_s: float | None = None) -> None:
         """Overwrite the host `tensor` on every rank with rank 0's (cpu group)."""
         timeout = datetime.timedelta(seconds=timeout_s or self.timeout_s)
-        self.cpu_group.broadcast(tensor, 0, timeout).wait()
+        self._cpu_group().broadcast(tensor, 0, timeout).wait()
 
     def cpu_min(self, value: int, timeout_s: float | None = None) -> int:
         """The smallest of every rank's `value` (cpu group)."""
@@ -114,16 +140,30 @@ class TPGroup:
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
         opts.timeout = datetime.timedelta(seconds=timeout_s or self.timeout_s)
-        self.cpu_group.allreduce([tensor], opts).wait()
+        self._cpu_group().allreduce([tensor], opts).wait()
         return int(tensor.item())
 
     def abort(self) -> None:
-        """Abort both groups: collectives blocked in them fail (also on the device, where
-        NCCL kernels waiting on a dead rank exit). Best effort, bounded in time: it runs on a
-        helper thread that is left behind if a backend hangs while aborting."""
-        groups = [g for g in (self.device_group, self.cpu_group) if g is not None]
-        if groups:
-            _bounded(lambda: _abort_all(groups), timeout_s=10.0)
+        """Abort the groups (see `Groups.abort`)."""
+        if self.groups is not None:
+            self.groups.abort()
+
+    def close(self) -> None:
+        """Abort and drop the groups (see `Groups.close`)."""
+        if self.groups is not None:
+            self.groups.close()
+
+    def _device_group(self) -> Any:
+        group = self.groups.device_group if self.groups is not None else None
+        if group is None:
+            raise RuntimeError("the tensor-parallel groups are closed")
+        return group
+
+    def _cpu_group(self) -> Any:
+        group = self.groups.cpu_group if self.groups is not None else None
+        if group is None:
+            raise RuntimeError("the tensor-parallel groups are closed")
+        return group
 
 
 def _options(opts: Any) -> Any:
@@ -171,7 +211,7 @@ def connect(
         device_group = _nccl(dist.PrefixStore("nccl/", store), rank, world_size, timeout)
     else:
         device_group = _gloo(dist.PrefixStore("dev/", store), rank, world_size, timeout, loopback)
-    return TPGroup(rank, world_size, device, device_group, cpu_group, timeout_s)
+    return TPGroup(rank, world_size, device, Groups(device_group, cpu_group), timeout_s)
 
 
 def _nccl(store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> Any:

@@ -30,6 +30,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -167,7 +168,7 @@ def _spawn(spec: _WorkerSpec) -> _Worker:
 def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineConfig) -> ModelRunner:
     world, limit = config.tensor_parallel_size, timeout_s()
     devices = [rank_device(config, rank) for rank in range(world)]
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    store = _loopback_store(world)
     pool = WorkerPool(store)
     try:
         for rank in range(1, world):
@@ -182,6 +183,20 @@ def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineCon
     runner.workers = pool
     logger.info("tensor parallelism: %d ranks, workers %s", world, pool.pids)
     return runner
+
+
+def _loopback_store(world: int) -> Any:
+    """A TCPStore that listens on 127.0.0.1 only, at a port the OS picks."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(world * 4)
+        port = listener.getsockname()[1]
+        return dist.TCPStore("127.0.0.1", port, world, is_master=True, wait_for_workers=False,
+                             master_listen_fd=listener.detach())  # fmt: skip
+    except (TypeError, RuntimeError, ValueError):  # a torch without master_listen_fd
+        listener.close()
+        return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
 
 
 def _start_under_torchrun(
@@ -386,7 +401,7 @@ class WorkerPool:
         for worker in self._workers:
             worker.errors.close()
             worker.lifeline.close()
-        self.tp.abort()  # never a comm teardown that waits for its peers
+        self.tp.close()  # an abort: never a comm teardown that waits for its peers
         self.tp, self.sender, self._store = TPGroup(), None, None
         self._finalizer.detach()
 
@@ -519,7 +534,7 @@ def serve_torchrun_worker(config: EngineConfig) -> None:
     try:
         serve_steps(ModelRunner(model_dir, model_config, config, tp))
     finally:
-        tp.abort()
+        tp.close()
 
 
 def _torchrun_ranks(config: EngineConfig) -> tuple[int, int, int]:
