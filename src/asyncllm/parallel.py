@@ -36,6 +36,7 @@ import torch.distributed
 from asyncllm.errors import ConfigError
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "Groups",
     "TPGroup",
@@ -52,6 +53,8 @@ _c10d: Any = torch._C._distributed_c10d
 
 DEFAULT_TIMEOUT_S = 300.0
 """How long a collective may wait for the other ranks before it fails (a rank hangs)."""
+CONNECT_TIMEOUT_S = 600.0
+"""How long building the groups may wait for the other ranks to start."""
 
 
 class Groups:
@@ -109,7 +112,7 @@ class TPGroup:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns it."""
-        opts = _options(dist.AllreduceOptions())
+        opts = self._options(dist.AllreduceOptions())
         opts.reduceOp = dist.ReduceOp.SUM
         self._device_group().allreduce([tensor], opts).wait()
         return tensor
@@ -118,13 +121,13 @@ class TPGroup:
         """Every rank's `tensor` [n, ...] stacked in rank order: [world_size * n, ...]."""
         tensor = tensor.contiguous()
         out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
-        opts = _options(_c10d.AllgatherOptions())  # not re-exported by torch.distributed
+        opts = self._options(_c10d.AllgatherOptions())  # not re-exported by torch.distributed
         self._device_group()._allgather_base(out, tensor, opts).wait()
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `tensor` on every rank with rank `src`'s (device group); returns it."""
-        opts = _options(dist.BroadcastOptions())
+        opts = self._options(dist.BroadcastOptions())
         opts.rootRank = src
         self._device_group().broadcast([tensor], opts).wait()
         return tensor
@@ -153,6 +156,14 @@ class TPGroup:
         if self.groups is not None:
             self.groups.close()
 
+    def _options(self, opts: Any) -> Any:
+        # asyncOp=False (torch >= 2.8) runs NCCL collectives on the caller's stream: no side
+        # stream, no cross-stream events, and a clean CUDA-graph capture.
+        if hasattr(opts, "asyncOp"):
+            opts.asyncOp = False
+        opts.timeout = datetime.timedelta(seconds=self.timeout_s)  # a hung rank fails the op
+        return opts
+
     def _device_group(self) -> Any:
         group = self.groups.device_group if self.groups is not None else None
         if group is None:
@@ -164,14 +175,6 @@ class TPGroup:
         if group is None:
             raise RuntimeError("the tensor-parallel groups are closed")
         return group
-
-
-def _options(opts: Any) -> Any:
-    # asyncOp=False (torch >= 2.8) runs NCCL collectives on the caller's stream: no side
-    # stream, no cross-stream events, and a clean CUDA-graph capture.
-    if hasattr(opts, "asyncOp"):
-        opts.asyncOp = False
-    return opts
 
 
 def _abort_all(groups: list[Any]) -> None:
@@ -198,14 +201,16 @@ def _bounded(fn: Any, timeout_s: float) -> None:
 
 def connect(
     store: Any, rank: int, world_size: int, device: torch.device, *, loopback: bool,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> TPGroup:  # fmt: skip
     """Build this rank's groups on `store` (every rank calls this with the same store).
 
-    `loopback` binds gloo to 127.0.0.1 (all ranks on this host); otherwise gloo picks the
-    interface the host name resolves to (multi-node torchrun).
+    Building waits up to `connect_timeout_s` for the other ranks (which may still be starting
+    their interpreters); each collective then waits up to `timeout_s`. `loopback` binds gloo
+    to 127.0.0.1 (all ranks on this host); otherwise gloo picks the interface the host name
+    resolves to (multi-node torchrun).
     """
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=max(timeout_s, connect_timeout_s))
     cpu_group = _gloo(dist.PrefixStore("cpu/", store), rank, world_size, timeout, loopback)
     if device.type == "cuda":
         device_group = _nccl(dist.PrefixStore("nccl/", store), rank, world_size, timeout)

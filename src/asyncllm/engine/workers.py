@@ -237,6 +237,8 @@ class WorkerPool:
         """What failed (another rank, or a step that took too long), once something did."""
         self._failure_cause: BaseException | None = None
         self._failed = threading.Event()
+        self._broken = False
+        """A collective failed on this rank: the groups cannot be trusted to stop gracefully."""
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
         # If the engine is dropped without a shutdown, the workers still go at exit.
@@ -338,6 +340,7 @@ class WorkerPool:
         try:
             yield
         except Exception as exc:
+            self._broken = True
             if self._workers:
                 self._failed.wait(2.0)
             if self._failure is None:
@@ -388,7 +391,7 @@ class WorkerPool:
         if self._closing.is_set():
             return
         self._closing.set()
-        graceful = self._failure is None and self.sender is not None
+        graceful = self._failure is None and not self._broken and self.sender is not None
         if graceful:
             assert self.sender is not None
             try:
@@ -407,14 +410,17 @@ class WorkerPool:
 
 
 def _stop_workers(workers: list[_Worker], grace_s: float) -> None:
+    """Wait up to `grace_s` for workers told to stop, then terminate (only after a grace
+    period: a worker that failed may be stopped, which only SIGKILL ends), then kill."""
     deadline = time.monotonic() + grace_s
     for worker in workers:
         with contextlib.suppress(subprocess.TimeoutExpired):
             worker.process.wait(max(0.0, deadline - time.monotonic()))
+    ends = ("terminate", "kill") if grace_s else ("kill",)
     for worker in workers:
-        for end in (worker.process.terminate, worker.process.kill):
+        for end in ends:
             if worker.process.poll() is None:
-                end()
+                getattr(worker.process, end)()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     worker.process.wait(3.0)
 

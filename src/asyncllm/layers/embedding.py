@@ -68,13 +68,14 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden[current_forward_context().logits_indices]
         logits = F.linear(rows, self.weight)
-        if not self.tp.is_parallel:
-            return logits
+        world, (num_rows, local_vocab) = self.tp.world_size, logits.shape
+        if world == 1 or num_rows == 0:  # (every rank knows the row count: all skip alike)
+            return logits.new_empty(num_rows, world * local_vocab) if num_rows == 0 else logits
         gathered = self.tp.all_gather(logits)  # [world * S, V / world], rank-major
         if not self.tp.is_driver:
             return gathered  # only rank 0 samples: skip the reordering copy
-        world, (num_rows, local_vocab) = self.tp.world_size, logits.shape
-        return gathered.view(world, num_rows, local_vocab).transpose(0, 1).reshape(num_rows, -1)
+        by_rank = gathered.view(world, num_rows, local_vocab).transpose(0, 1)
+        return by_rank.reshape(num_rows, world * local_vocab)
 
     def weight_shard(self, leaf: str, shard: str | None) -> WeightShard:
         """This rank's rows of the (untied) LM head."""
