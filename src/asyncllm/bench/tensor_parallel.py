@@ -130,6 +130,7 @@ async def _measure(model_dir: Path, size: int, args: argparse.Namespace) -> dict
         out["kv_blocks"] = runner.num_kv_blocks
         out["cuda_graphs"] = runner.graphs is not None
         await engine.generate_many([[5] * 300] * 8, SamplingParams(max_tokens=8))  # warm-up
+        engine.reset_prefix_cache()
         for batch in (1, 64):
             out[f"itl_batch{batch}"] = await _itl(engine, batch, args.itl_tokens)
             out[f"itl_batch{batch}"] |= await _profile_decode(engine, batch)
@@ -150,10 +151,14 @@ def _broadcast_per_step(engine: AsyncEngine, before: tuple[int, float]) -> float
     return (seconds - before[1]) / steps * 1e6 if steps else None
 
 
-def _prompts(batch: int, length: int, salt: int) -> list[list[int]]:
+def _prompts(batch: int, length: int, salt: int, vocab: int) -> list[list[int]]:
     # Distinct prompts (no prefix-cache hits between them or across runs).
-    return [[(salt * 7919 + i * 131 + j * 17) % 50000 + 100 for j in range(length)]
+    return [[(salt * 7919 + i * 131 + j * 17) % (vocab - 1) + 1 for j in range(length)]
             for i in range(batch)]  # fmt: skip
+
+
+def _vocab(engine: AsyncEngine) -> int:
+    return engine._core.model_config.vocab_size
 
 
 async def _itl(engine: AsyncEngine, batch: int, tokens: int) -> dict[str, Any]:
@@ -161,7 +166,7 @@ async def _itl(engine: AsyncEngine, batch: int, tokens: int) -> dict[str, Any]:
     engine.reset_prefix_cache()
     before = _broadcast_totals(engine)
     greedy = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    outs = await engine.generate_many(_prompts(batch, 128, salt=batch), greedy)
+    outs = await engine.generate_many(_prompts(batch, 128, batch, _vocab(engine)), greedy)
     gaps = [gap for out in outs for gap in out.metrics.itl[4:]]  # after the ramp-up
     return {
         "batch": batch,
@@ -178,7 +183,7 @@ async def _profile_decode(engine: AsyncEngine, batch: int, steps: int = 24) -> d
     if not torch.cuda.is_available():
         return {}
     greedy = SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True)
-    streams = [engine.stream(p, greedy) for p in _prompts(batch, 128, salt=batch + 1)]
+    streams = [engine.stream(p, greedy) for p in _prompts(batch, 128, batch + 1, _vocab(engine))]
     for stream in streams:  # prefill done, everyone decoding
         await stream.__anext__()
     for _ in range(4):
@@ -229,8 +234,8 @@ async def _throughput(engine: AsyncEngine, num_requests: int) -> dict[str, Any]:
 
 async def _parity(model_dir: Path) -> dict[str, Any]:
     """Greedy tokens of TP=2 against TP=1, float32, the same 32 prompts."""
-    prompts = [p[: 20 + 9 * i] for i, p in enumerate(_prompts(32, 300, salt=3))]
-    prompts = [[t % 2048 for t in p] for p in prompts]
+    vocab = _PARITY_SHAPE["vocab_size"]
+    prompts = [p[: 20 + 9 * i] for i, p in enumerate(_prompts(32, 300, 3, vocab))]
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     tokens = {}
     for size in (1, 2):

@@ -346,12 +346,15 @@ class ModelRunner:
         return self.workers.failures() if self.workers is not None else contextlib.nullcontext()
 
     def close(self) -> None:
-        """Stop the other ranks (rank 0 of a group) and leave the groups; the model's memory
-        goes once the runner is dropped."""
-        self.graphs = None
+        """Stop the other ranks (rank 0 of a group), then let go of the model, its KV pool
+        and its graphs now, even if something (a failure's traceback) still holds the runner."""
         if self.workers is not None:
             self.workers.close()
             self.workers = None
+        self.graphs = None
+        for name in ("model", "kv_cache"):
+            if hasattr(self, name):
+                delattr(self, name)
 
 
 def _new_stream(device: torch.device) -> torch.cuda.Stream:
