@@ -315,11 +315,6 @@ def test_a_model_that_does_not_split_evenly_is_a_config_error(
         AsyncEngine.from_pretrained(str(tmp_path), device="cpu", tensor_parallel_size=4)
 
 
-def test_tensor_parallel_size_must_be_a_positive_int() -> None:
-    with pytest.raises(errors.ConfigError, match="tensor_parallel_size"):
-        AsyncEngine.from_pretrained(None, tensor_parallel_size=0)
-
-
 # ---- pieces ----------------------------------------------------------------------------------
 
 
