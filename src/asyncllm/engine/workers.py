@@ -24,7 +24,9 @@ then kills what is left.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -202,13 +204,16 @@ def _loopback_store(world: int) -> Any:
 def _start_under_torchrun(
     model_dir: Path, model_config: ModelConfig, config: EngineConfig
 ) -> ModelRunner:
-    rank, world, local_rank = _torchrun_ranks(config)
+    rank, world, local_rank = _torchrun_ranks(config.tensor_parallel_size)
     if rank != 0:
         raise EngineError(
             f"torchrun rank {rank} must serve steps, not build an engine: call "
-            "asyncllm.engine.workers.serve_torchrun_worker(config) on ranks > 0"
+            "asyncllm.engine.workers.serve_torchrun_worker() on ranks > 0"
         )
-    tp = _torchrun_group(config, rank, world, local_rank)
+    store = _torchrun_store(rank, world)
+    # The other ranks build exactly this engine's runner: they take its config from here.
+    store.set("config", json.dumps(dataclasses.asdict(config)))
+    tp = _torchrun_group(store, config, rank, world, local_rank)
     pool = WorkerPool(None)
     pool.attach(tp)
     try:
@@ -517,45 +522,51 @@ def torchrun_rank() -> int | None:
     return int(os.environ["RANK"])
 
 
-def serve_torchrun_worker(config: EngineConfig) -> None:
-    """On torchrun ranks > 0: build this rank's shard and serve rank 0's steps until it shuts
-    down. Rank 0 builds the engine as usual, with the same `config`.
+def serve_torchrun_worker() -> None:
+    """On torchrun ranks > 0: build this rank's shard of rank 0's engine (its `EngineConfig`
+    comes from rank 0) and serve its steps until it shuts down. Returns then.
 
-    Example (every rank runs this script, `torchrun --nproc-per-node 2 script.py`):
-        >>> config = EngineConfig(model=path, tensor_parallel_size=2)  # doctest: +SKIP
+    Example (every rank runs this script: `torchrun --nproc-per-node 2 script.py`):
         >>> if torchrun_rank() != 0:  # doctest: +SKIP
-        ...     serve_torchrun_worker(config)
+        ...     serve_torchrun_worker()
         ... else:
         ...     with LLM(path, tensor_parallel_size=2) as llm: ...
     """
     from asyncllm.engine.core import DEFAULT_MODEL_DIR
 
-    rank, world, local_rank = _torchrun_ranks(config)
+    rank, world, local_rank = _torchrun_ranks(int(os.environ["WORLD_SIZE"]))
+    store = _torchrun_store(rank, world)
+    store.wait(["config"], timedelta(days=1))  # for as long as rank 0 takes to get there
+    config = EngineConfig(**json.loads(store.get("config")))
     model_dir = Path(config.model) if config.model is not None else DEFAULT_MODEL_DIR
-    model_config = ModelConfig.from_dir(model_dir)
     device = rank_device(config, rank, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = _torchrun_group(config, rank, world, local_rank)
+    tp = _torchrun_group(store, config, rank, world, local_rank)
     try:
-        serve_steps(ModelRunner(model_dir, model_config, config, tp))
+        serve_steps(ModelRunner(model_dir, ModelConfig.from_dir(model_dir), config, tp))
     finally:
         tp.close()
 
 
-def _torchrun_ranks(config: EngineConfig) -> tuple[int, int, int]:
+def _torchrun_ranks(tensor_parallel_size: int) -> tuple[int, int, int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != config.tensor_parallel_size:
+    if world != tensor_parallel_size:
         raise ConfigError(
             f"torchrun started WORLD_SIZE {world} processes but tensor_parallel_size is "
-            f"{config.tensor_parallel_size}: start one process per rank"
+            f"{tensor_parallel_size}: start one process per rank"
         )
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def _torchrun_group(config: EngineConfig, rank: int, world: int, local_rank: int) -> TPGroup:
-    limit = timeout_s()
-    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=limit)))
-    prefixed = dist.PrefixStore(f"asyncllm/{next(_torchrun_engines)}/", store)
+def _torchrun_store(rank: int, world: int) -> Any:
+    """torchrun's store, under a prefix of this engine's own (the k-th engine of each rank)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=600)))
+    return dist.PrefixStore(f"asyncllm/{next(_torchrun_engines)}/", store)
+
+
+def _torchrun_group(
+    store: Any, config: EngineConfig, rank: int, world: int, local_rank: int
+) -> TPGroup:
     device = rank_device(config, rank, local_rank)
-    return connect(prefixed, rank, world, device, loopback=False, timeout_s=limit)
+    return connect(store, rank, world, device, loopback=False, timeout_s=timeout_s())
