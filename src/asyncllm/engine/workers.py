@@ -56,9 +56,11 @@ from asyncllm.parallel import DEFAULT_TIMEOUT_S, TPGroup, connect
 
 __all__ = [
     "WorkerPool",
+    "rank_device",
     "serve_steps",
     "serve_torchrun_worker",
     "start_runner",
+    "timeout_s",
     "torchrun_rank",
 ]
 
@@ -68,6 +70,7 @@ logger = logging.getLogger(__name__)
 dist: Any = torch.distributed
 
 _STOP_TIMEOUT_S = 10.0  # a worker told to stop has this long to exit before it is terminated
+_NOTICE_S = 1.0  # a dead rank's sockets close a moment before the monitor notices its death
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Engines built so far in this process under torchrun: every rank builds them in the same
 # order, so the k-th engine of each rank meets the others under the same store prefix.
@@ -182,6 +185,7 @@ def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineCon
         error = pool.startup_error(exc)
         pool.close()
         raise error from error.__cause__
+    pool.serving()
     runner.workers = pool
     logger.info("tensor parallelism: %d ranks, workers %s", world, pool.pids)
     return runner
@@ -221,6 +225,7 @@ def _start_under_torchrun(
     except BaseException:
         pool.close()
         raise
+    pool.serving()
     runner.workers = pool
     return runner
 
@@ -242,6 +247,8 @@ class WorkerPool:
         """What failed (another rank, or a step that took too long), once something did."""
         self._failure_cause: BaseException | None = None
         self._failed = threading.Event()
+        self._serving = False
+        """Every rank has built its runner and waits for steps (so "stop" reaches them)."""
         self._broken = False
         """A collective failed on this rank: the groups cannot be trusted to stop gracefully."""
         self._closing = threading.Event()
@@ -266,6 +273,10 @@ class WorkerPool:
         """Rank 0's groups, once built."""
         self.tp = tp
         self.sender = StepSender(tp)
+
+    def serving(self) -> None:
+        """Every rank is ready: from now on shutdown tells them to stop (before, it kills)."""
+        self._serving = True
 
     def connect_rank0(self, device: torch.device, limit_s: float) -> TPGroup:
         """Build rank 0's groups, giving up as soon as a worker fails (building them waits
@@ -347,7 +358,7 @@ class WorkerPool:
         except Exception as exc:
             self._broken = True
             if self._workers:
-                self._failed.wait(2.0)
+                self._failed.wait(_NOTICE_S)
             if self._failure is None:
                 raise
             raise EngineError(self._failure) from self._failure_cause or exc
@@ -358,7 +369,7 @@ class WorkerPool:
         if isinstance(exc, AsyncLLMError) or not isinstance(exc, Exception):
             return exc
         if self._workers:
-            self._failed.wait(2.0)
+            self._failed.wait(_NOTICE_S)
         if self._failure is None:
             return exc
         if isinstance(self._failure_cause, AsyncLLMError):
@@ -396,7 +407,7 @@ class WorkerPool:
         if self._closing.is_set():
             return
         self._closing.set()
-        graceful = self._failure is None and not self._broken and self.sender is not None
+        graceful = self._serving and self._failure is None and not self._broken
         if graceful:
             assert self.sender is not None
             try:
@@ -516,9 +527,12 @@ def _exit_with_parent(lifeline: int) -> None:
 
 
 def torchrun_rank() -> int | None:
-    """This process's rank when torchrun (or another env:// launcher) started it, else None."""
+    """This process's rank when torchrun (or another env:// launcher) started it as one of
+    several processes, else None."""
     if not all(name in os.environ for name in _TORCHRUN_ENV):
         return None
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        return None  # one process: the engine spawns its own workers
     return int(os.environ["RANK"])
 
 
