@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,22 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir or tempfile.gettempdir())
     result: dict[str, Any] = {"device": _device_name(), "gpus": torch.cuda.device_count()}
+
+    def save() -> None:  # after every phase: a later one that fails loses nothing before it
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
     if args.broadcast_only:
         result["broadcast"] = broadcast_probe()
     else:
-        result |= _full(args, work)
+        _full(args, work, result, save)
+    save()
     print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
 
-def _full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"model_shape": args.model_shape}
+def _full(args: argparse.Namespace, work: Path, result: dict[str, Any], save: Any) -> None:
+    result["model_shape"] = args.model_shape
     draw = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model:
         model_dir = Path(args.model)
@@ -86,23 +91,29 @@ def _full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         write_random_qwen3(model_dir, SHAPES[args.model_shape], device=draw)
         result["model_write_s"] = time.perf_counter() - started
     shape = json.loads((model_dir / "config.json").read_text())
+    save()
     if torch.cuda.device_count() >= 2:
         result["allreduce"] = allreduce_probe(shape["hidden_size"], shape["num_hidden_layers"])
+        save()
     for size in args.sizes:
         started = time.perf_counter()
-        result[f"tp{size}"] = asyncio.run(_measure(model_dir, size, args))
+        try:
+            result[f"tp{size}"] = asyncio.run(_measure(model_dir, size, args))
+        except Exception as exc:  # record it, and still measure the other sizes
+            traceback.print_exc()
+            result[f"tp{size}"] = {"error": repr(exc)}
         result[f"tp{size}"]["total_s"] = time.perf_counter() - started
         _release_memory()
+        save()
     _ratios(result, args.sizes)
     if not args.skip_parity and 2 in args.sizes:
         parity_dir = write_random_qwen3(work / "asyncllm-parity-random", _PARITY_SHAPE, std=0.08,
                                         device=draw)  # fmt: skip
         result["parity_float32"] = asyncio.run(_parity(parity_dir))
-    return result
 
 
 def _ratios(result: dict[str, Any], sizes: list[int]) -> None:
-    if 1 not in sizes or 2 not in sizes:
+    if 1 not in sizes or 2 not in sizes or "error" in result["tp1"] or "error" in result["tp2"]:
         return
     one, two = result["tp1"], result["tp2"]
     result["tp2_vs_tp1"] = {
@@ -269,7 +280,7 @@ _PROBE = (
 )
 
 
-def _two_ranks(kind: str, settings: dict[str, Any], timeout_s: float = 240.0) -> Any:
+def _two_ranks(kind: str, settings: dict[str, Any], timeout_s: float = 90.0) -> Any:
     """Run `probe_rank` of `kind` in two fresh processes; rank 0's JSON result."""
     from asyncllm.engine.workers import _loopback_store
 
