@@ -101,6 +101,7 @@ BAD_ENGINE_VALUES: list[tuple[str, Any]] = [
     *[("enforce_eager", v) for v in ("true", 0)],
     *[("overlap_scheduling", v) for v in ("yes", 1)],
     *[("seed", v) for v in (-1, 2**64, 1.5, True)],
+    *[("tensor_parallel_size", v) for v in (0, -2, 1.5, True, "2")],
 ]
 
 
@@ -193,7 +194,7 @@ async def test_bad_requests_fail_and_the_engine_keeps_serving(random_model_dir: 
             engine.stream([1], SamplingParams(stop_token_ids=[10_000]))
         with pytest.raises(errors.InvalidRequestError, match="SamplingParams"):
             engine.stream([1], {"temperature": 0})  # type: ignore[arg-type]
-        with pytest.raises(errors.InvalidRequestError, match="already in use"):
+        with pytest.raises(errors.DuplicateRequestIdError, match="already in flight"):
             engine.stream([1], request_id=healthy.request_id)
         tokens = [t.token_id async for t in healthy]
         assert len(tokens) == 20

@@ -152,7 +152,26 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     _add_sampling_args(p, max_tokens=128)
     add_engine_args(p)
-    p.set_defaults(run=lambda args: asyncio.run(_generate(args)))
+    p.set_defaults(run=_rank0_only(lambda args: asyncio.run(_generate(args))))
+
+
+def _serves_as_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun, ranks > 0 serve rank 0's steps (and print nothing) until it is done."""
+    from asyncllm.engine.workers import serve_torchrun_worker, torchrun_rank
+
+    if (args.tensor_parallel_size or 1) == 1 or torchrun_rank() in (None, 0):
+        return False
+    serve_torchrun_worker()  # with rank 0's EngineConfig
+    return True
+
+
+def _rank0_only(run: Any) -> Any:
+    """`run(args)` on rank 0; the other ranks of a torchrun launch serve its steps instead."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        return 0 if _serves_as_torchrun_worker(args) else int(run(args))
+
+    return wrapped
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -186,7 +205,7 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--system", default=None, help="a system message to start the chat with")
     _add_sampling_args(p, max_tokens=512)
     add_engine_args(p)
-    p.set_defaults(run=_chat)
+    p.set_defaults(run=_rank0_only(_chat))
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -313,7 +332,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="log one line per request (default: on)",
     )
     add_engine_args(p)
-    p.set_defaults(run=_serve)
+    p.set_defaults(run=_rank0_only(_serve))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -86,6 +86,9 @@ class EngineConfig:
     seed: int = 0
     """Seed of the engine's sampling, in [0, 2**64); requests without their own seed draw one
     from it."""
+    tensor_parallel_size: int = 1
+    """Ranks (GPUs) each layer is split across: rank 0 runs in this process, ranks 1..N-1 in
+    worker processes it spawns (or that `torchrun` started); see README, "Tensor parallelism"."""
 
     def __post_init__(self) -> None:
         # Values that name the same thing in another spelling (a Path, torch.device("cpu"),
@@ -93,7 +96,12 @@ class EngineConfig:
         self._normalise("model", _model_path)
         self._normalise("device", _device_name)
         self._normalise("dtype", _dtype_name)
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "tensor_parallel_size",
+        ):
             self._normalise(name, _bounded_int(name, MAX_INT32))
         for name in ("max_model_len", "num_kv_blocks"):
             self._normalise(name, _optional(_bounded_int(name, MAX_INT32)))

@@ -12,6 +12,7 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -23,9 +24,11 @@ from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
+from asyncllm.engine.workers import start_runner
 from asyncllm.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
 from asyncllm.model.config import ModelConfig
 from asyncllm.outputs import EngineStats, TokenLogprobs
+from asyncllm.parallel import check_divisible
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
@@ -47,8 +50,17 @@ class EngineCore:
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {self.model_dir} does not exist")
         self.model_config = ModelConfig.from_dir(self.model_dir)
+        cfg = self.model_config
+        check_divisible(
+            config.tensor_parallel_size, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size,
+            intermediate_size=cfg.intermediate_size,
+        )  # fmt: skip
         self.tokenizer = Tokenizer(self.model_dir)
         self._rng = random.Random(config.seed)
+        # Automatic request ids: a random prefix per engine and a counter, so they never
+        # collide with another engine's, nor with an id a user would plausibly choose.
+        self._id_prefix = uuid.uuid4().hex
         self._ids = itertools.count()
         self.runner: ModelRunner | None = None
         self.attention_backend = ""
@@ -78,7 +90,7 @@ class EngineCore:
     def load(self) -> None:
         """Load the weights, allocate the KV pool, and size `max_model_len` (slow: run it off
         the event loop)."""
-        self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
+        self.runner = start_runner(self.model_dir, self.model_config, self.config)
         self.attention_backend = self.runner.attn_backend.name
         self.max_model_len = self.runner.max_model_len
         self.loaded_at = time.monotonic()
@@ -95,6 +107,8 @@ class EngineCore:
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None
     ) -> Request:
         """Validate a submission and build its `Request`; raises `InvalidRequestError`."""
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
         params = _check_params(params)
         token_ids = self._prompt_ids(prompt)
         max_tokens = self._check_length(len(token_ids), params)
@@ -104,7 +118,7 @@ class EngineCore:
                 f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}"
             )
         return Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            request_id=request_id if request_id is not None else self._new_request_id(),
             prompt_token_ids=token_ids,
             params=params,
             max_tokens=max_tokens,
@@ -112,6 +126,9 @@ class EngineCore:
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
             detokenizer=self.tokenizer.detokenizer(),
         )
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     def _prompt_ids(self, prompt: object) -> list[int]:
         if isinstance(prompt, str):
@@ -265,10 +282,25 @@ class EngineCore:
             self._release(req)
         return victims
 
+    def close(self) -> None:
+        """Give every request's blocks back and drop the model (the engine has stopped: no
+        step is in flight any more)."""
+        try:
+            if hasattr(self, "scheduler"):  # loaded
+                self.fail_all()
+                self._deferred.clear()
+        except Exception:  # a failed step may have left the bookkeeping half-updated
+            logger.exception("releasing the requests at shutdown failed")
+        finally:
+            self.unload()
+
     def unload(self) -> None:
         """Drop the model, KV pool and CUDA graphs (the engine has shut down)."""
         if self.runner is not None:
             self.attention_backend = self.runner.attn_backend.name
+            # Stops the other tensor-parallel ranks (if any), waits for launched steps to
+            # finish on the device, and drops the model.
+            self.runner.close()
             self.runner = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the freed memory back to the device

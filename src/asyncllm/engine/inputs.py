@@ -1,9 +1,11 @@
 """Step inputs: what each sequence computes, turned into device tensors with few copies.
 
 A `StepBatch` collects one step in flat Python lists (one `add` per sequence, decodes first),
-then `prepare_step` turns it into numpy arrays in a handful of vectorised operations and
-moves them in one non-blocking copy per dtype (through pinned memory on CUDA), so building
-step N+1 never waits for step N. This runs every step for every sequence: it is kept lean.
+then `pack_step` turns it into a `HostStep` (a few packed numpy arrays plus scalars) in a
+handful of vectorised operations, and `device_step` moves those in one non-blocking copy per
+dtype (through pinned memory on CUDA), so building step N+1 never waits for step N. This runs
+every step for every sequence: it is kept lean. Under tensor parallelism the `HostStep` is
+what rank 0 sends the other ranks, which run `device_step` on it themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +23,18 @@ from asyncllm.kernels.base import AttentionBackend
 from asyncllm.layers.sampler import SamplingTensors
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
+__all__ = [
+    "HostStep",
+    "PinnedStaging",
+    "PreparedStep",
+    "SampleSpec",
+    "SeqStep",
+    "StepBatch",
+    "StepMeta",
+    "device_step",
+    "pack_step",
+    "prepare_step",
+]
 
 
 _INT64_LIMIT = 2**63
@@ -187,6 +200,35 @@ _TORCH_DTYPES = {
 }
 
 
+class StepMeta(NamedTuple):
+    """A step's scalars, known on the host (reading them never waits on the device)."""
+
+    num_seqs: int
+    table_width: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_decode_seqs: int
+    num_logprobs: int
+    all_greedy: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+
+
+class HostStep(NamedTuple):
+    """One step's inputs on the host, packed by dtype: what `device_step` copies to the
+    device, and (under tensor parallelism) all that crosses from rank 0 to the other ranks."""
+
+    ints: np.ndarray
+    """int64 parts, concatenated in `int_sizes` order, each 16-byte aligned."""
+    int_sizes: dict[str, int]
+    int32s: np.ndarray
+    """int32 parts, likewise."""
+    int32_sizes: dict[str, int]
+    floats: np.ndarray
+    """float32 [rows, num_sampled]: temperature, top-p, min-p."""
+    meta: StepMeta
+
+
 def prepare_step(
     batch: StepBatch,
     block_size: int,
@@ -195,6 +237,11 @@ def prepare_step(
     staging: PinnedStaging | None = None,
 ) -> PreparedStep:
     """Device tensors for `batch` (through `staging` on CUDA)."""
+    return device_step(pack_step(batch, block_size), device, backend, staging)
+
+
+def pack_step(batch: StepBatch, block_size: int) -> HostStep:
+    """`batch` as a few flat numpy arrays (vectorised: this runs every step)."""
     q_lens = np.array(batch.q_lens, np.int64)
     seq_lens = np.array(batch.starts, np.int64) + q_lens
     cu_q = np.zeros(len(q_lens) + 1, np.int64)
@@ -217,30 +264,54 @@ def prepare_step(
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
     floats = np.array([batch.temperatures, batch.top_ps, batch.min_ps], np.float32)
+    meta = StepMeta(
+        num_seqs=len(q_lens),
+        table_width=tables.shape[1],
+        max_seqlen_q=int(q_lens.max()),
+        max_seqlen_k=int(seq_lens.max()),
+        num_decode_seqs=_leading_decodes(q_lens),
+        num_logprobs=batch.num_logprobs,
+        all_greedy=batch.all_greedy,
+        any_top_k_top_p=batch.any_top_k_top_p,
+        any_min_p=batch.any_min_p,
+    )
+    return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
+                    floats.reshape(3, -1), meta)  # fmt: skip
+
+
+def device_step(
+    host: HostStep,
+    device: torch.device,
+    backend: AttentionBackend,
+    staging: PinnedStaging | None = None,
+) -> PreparedStep:
+    """`host` on the model's device (one non-blocking copy per dtype through `staging` on
+    CUDA), with the forward context and sampling tensors built on it."""
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
-    views = _unpack(to_device(_pack(ints)), ints)
-    views32 = _unpack(to_device(_pack(int32s)), int32s)
-    f32 = to_device(floats.reshape(3, -1))
+    views = _unpack(to_device(host.ints), host.int_sizes)
+    views32 = _unpack(to_device(host.int32s), host.int32_sizes)
+    f32 = to_device(host.floats)
+    meta = host.meta
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
         cu_seqlens_q=views32["cu_q"],
         seq_lens_k=views32["seq_lens"],
-        block_tables=views32["tables"].view(tables.shape),
+        block_tables=views32["tables"].view(meta.num_seqs, meta.table_width),
         logits_indices=views["logits_indices"],
-        max_seqlen_q=int(q_lens.max()),
-        max_seqlen_k=int(seq_lens.max()),
-        num_decode_seqs=_leading_decodes(q_lens),
+        max_seqlen_q=meta.max_seqlen_q,
+        max_seqlen_k=meta.max_seqlen_k,
+        num_decode_seqs=meta.num_decode_seqs,
         attn_backend=backend,
     )
     ctx = dataclasses.replace(ctx, attn_metadata=backend.build_metadata(ctx))
-    pending = bool(batch.pending_dst)
+    pending = host.int_sizes["pending_dst"] > 0
     return PreparedStep(
         ctx=ctx,
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(batch, views, f32),
+        sampling=_sampling(meta, views, f32),
     )
 
 
@@ -293,17 +364,21 @@ def _pack(parts: dict[str, np.ndarray]) -> np.ndarray:
     return flat
 
 
-def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def _sizes(parts: dict[str, np.ndarray]) -> dict[str, int]:
+    return {name: array.size for name, array in parts.items()}
+
+
+def _unpack(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     step = _ALIGN_BYTES // flat.element_size()
     views, start = {}, 0
-    for name, array in parts.items():
-        views[name] = flat[start : start + array.size]
-        start += _round_up(array.size, step)
+    for name, size in sizes.items():
+        views[name] = flat[start : start + size]
+        start += _round_up(size, step)
     return views
 
 
 def _sampling(
-    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor
+    meta: StepMeta, views: dict[str, torch.Tensor], floats: torch.Tensor
 ) -> SamplingTensors:
     return SamplingTensors(
         temperatures=floats[0],
@@ -314,8 +389,8 @@ def _sampling(
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
         banned_tokens=views["banned_tokens"],
-        all_greedy=batch.all_greedy,
-        any_top_k_top_p=batch.any_top_k_top_p,
-        any_min_p=batch.any_min_p,
-        num_logprobs=batch.num_logprobs,
+        all_greedy=meta.all_greedy,
+        any_top_k_top_p=meta.any_top_k_top_p,
+        any_min_p=meta.any_min_p,
+        num_logprobs=meta.num_logprobs,
     )
