@@ -87,12 +87,24 @@ def test_a_field_of_the_wrong_type_is_a_400_naming_it(
     error = error_of(http.post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400)
     assert error["param"] == "max_tokens" and "max_tokens" in error["message"]
     error = error_of(http.post("/v1/completions", json={"prompt": {"text": "x"}}), 400)
-    assert error["param"] == "prompt"
+    assert error["param"] == "prompt" and "list of token ids" in error["message"]
+    for field, value in (("temperature", True), ("n", "2"), ("stream", 1), ("max_tokens", 2.0)):
+        body = {"prompt": "x", field: value}  # JSON types are not coerced
+        assert error_of(http.post("/v1/completions", json=body), 400)["param"] == field
     error = error_of(
         http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}),
         400,
     )
     assert error["param"] == "messages"
+
+
+def test_an_engine_rejected_value_names_its_field(http: httpx.Client, engine: AsyncEngine) -> None:
+    for field, value in (("top_p", 0), ("seed", -1), ("stop", [""]), ("logprobs", 21)):
+        body = {"prompt": "x", field: value}
+        error = error_of(http.post("/v1/completions", json=body), 400)
+        assert error["param"] == field and field in error["message"]
+    chat = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}
+    assert error_of(http.post("/v1/chat/completions", json=chat), 400)["param"] == "top_logprobs"
 
 
 def test_missing_or_empty_inputs_are_a_400(http: httpx.Client, engine: AsyncEngine) -> None:

@@ -17,8 +17,9 @@ from json.encoder import encode_basestring as _json_str  # C-accelerated: a JSON
 from typing import Any, cast
 
 from asyncllm.engine.core import Prompt
+from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import RequestOutput, StreamToken, TokenLogprobs
-from asyncllm.sampling import SamplingParams
+from asyncllm.sampling import MAX_LOGPROBS, SamplingParams
 from asyncllm.server.errors import APIError
 from asyncllm.server.protocol import (
     AssistantMessage,
@@ -88,6 +89,12 @@ def chat_params(request: ChatCompletionRequest) -> SamplingParams:
         raise APIError(400, "tool calling is not supported", param="tool_choice")
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(
+            400,
+            f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {request.top_logprobs}",
+            param="top_logprobs",
+        )
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     max_tokens = request.max_completion_tokens
     if max_tokens is None:
@@ -161,8 +168,9 @@ def _sampling_params(request: Any, max_tokens: int | None, logprobs: int | None)
         raise APIError(400, f"{name} is not supported by this engine", param=name)
     try:
         return SamplingParams(**fields)
-    except TypeError as exc:  # a wrong type that pydantic let through
-        raise APIError(400, str(exc)) from exc
+    except InvalidRequestError as exc:  # its message starts with the field's name
+        name = str(exc).split(" ", 1)[0].split("[", 1)[0]
+        raise APIError(400, str(exc), param=name if name in fields else None) from exc
 
 
 # ---- finished outputs ------------------------------------------------------------------------

@@ -145,6 +145,14 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+_UNION_HINTS = {
+    "prompt": "text, a list of token ids, or a list of either",
+    "stop": "a string or a list of strings",
+    "messages": "a list of {role, content} objects",
+}
+"""What a field that accepts several forms accepts (pydantic reports each form's failure)."""
+
+
 def describe_validation_error(problems: Any) -> tuple[str, str | None]:
     """A one-line message (and the offending field) for pydantic's list of problems."""
     first = problems[0] if problems else {}
@@ -158,4 +166,12 @@ def describe_validation_error(problems: Any) -> tuple[str, str | None]:
     if not location:
         return f"the request body must be a JSON object ({message})", None
     # OpenAI's `param` names the top-level field; the message keeps the full path.
-    return f"{'.'.join(location)}: {message}", location[0]
+    field = location[0]
+    if field in _UNION_HINTS and sum(_field_of(p) == field for p in problems) > 1:
+        return f"{field} must be {_UNION_HINTS[field]}", field
+    return f"{'.'.join(location)}: {message}", field
+
+
+def _field_of(problem: Any) -> str | None:
+    location = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    return location[0] if location else None

@@ -37,9 +37,10 @@ Number = float  # pydantic accepts ints for float fields
 
 
 class _Strict(BaseModel):
-    """Refuses fields it does not know, naming them (OpenAI does the same)."""
+    """Refuses fields it does not know, naming them (OpenAI does the same), and values of
+    the wrong JSON type: `"temperature": true` or `"n": "2"` is a mistake, not 1 or 2."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class CompletionRequest(_SamplingFields):
 class ChatMessage(BaseModel):
     """One message of a chat; extra fields reach the chat template unchanged."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
