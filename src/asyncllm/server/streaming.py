@@ -76,11 +76,11 @@ class EventStreamResponse(Response):
         try:
             try:
                 await self._produce(emit)
+            except OSError:
+                raise  # the client is gone (below)
             except (APIError, AsyncLLMError) as exc:
                 await emit(_error_event(exc))
             except Exception as exc:  # never end a stream silently
-                if isinstance(exc, OSError):
-                    raise
                 logger.error("streaming a response failed", exc_info=exc)
                 await emit(_error_event(exc))
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
