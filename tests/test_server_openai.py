@@ -446,10 +446,11 @@ def test_async_client_runs_concurrent_requests(server: tuple[str, AsyncEngine]) 
 
     texts, chats, streamed = asyncio.run(main())
     engine = server[1]
-    assert texts == [
-        greedy(engine, p, 10).text for p in ["Once upon a time", "The sun", "A big dog", "One day"]
-    ]
-    assert all(isinstance(c, str) for c in chats)
+    prompts = ["Once upon a time", "The sun", "A big dog", "One day"]
+    assert texts == [greedy(engine, p, 10).text for p in prompts]
+    template = engine.tokenizer.apply_chat_template
+    assert chats == [greedy(engine, template([{"role": "user", "content": p}]), 8).text
+                     for p in prompts]  # fmt: skip
     assert streamed == texts[0]
 
 
