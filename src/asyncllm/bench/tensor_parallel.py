@@ -42,7 +42,7 @@ __all__ = ["add_parser"]
 _PARITY_SHAPE: dict[str, Any] = {
     **SHAPES["qwen3-0.6b"], "vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1024,
     "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
-    "tie_word_embeddings": False,
+    "tie_word_embeddings": False, "eos_token_id": 2047,
 }  # fmt: skip
 
 
