@@ -222,8 +222,14 @@ def connect(
 def _wait(work: Any) -> None:
     """Wait for a collective: with asyncOp=False NCCL ran it on the caller's stream already
     and returns no Work (None); gloo returns one."""
-    if work is not None:
+    if work is None:
+        return
+    try:
         work.wait()
+    finally:
+        # A failed wait's traceback keeps this frame (the engine keeps its failure): the
+        # Work would keep the group, and its sockets, alive after shutdown.
+        del work
 
 
 def _nccl(store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> Any:
