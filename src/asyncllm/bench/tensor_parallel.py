@@ -49,14 +49,17 @@ _PARITY_SHAPE: dict[str, Any] = {
 def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`asyncllm bench tp`."""
     p = kinds.add_parser("tp", help="tensor parallelism: TP=1 vs TP=2, ITL, tok/s, NCCL time")
-    p.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen3-8b")
+    p.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen3-8b",
+                   help="shape of the random model (default: qwen3-8b)")  # fmt: skip
     p.add_argument("--model", default=None, help="model dir (default: a random --model-shape)")
     p.add_argument("--work-dir", default=None, help="where random models are written")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="tensor_parallel_size")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--itl-tokens", type=int, default=128)
-    p.add_argument("--skip-throughput", action="store_true")
-    p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--num-requests", type=int, default=256,
+                   help="requests of the throughput run (default: 256)")  # fmt: skip
+    p.add_argument("--itl-tokens", type=int, default=128,
+                   help="tokens generated per request when timing ITL (default: 128)")  # fmt: skip
+    p.add_argument("--skip-throughput", action="store_true", help="skip the throughput run")
+    p.add_argument("--skip-parity", action="store_true", help="skip the float32 parity check")
     p.add_argument("--broadcast-only", action="store_true",
                    help="only time the step-input broadcast (two processes, gloo)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -208,15 +208,21 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = kinds.add_parser("throughput", help="nano-vllm workload: asyncllm vs transformers")
     p.add_argument("--model", default=None, help="model dir (default: random Qwen3-0.6B shape)")
     p.add_argument("--work-dir", default=None, help="where the random model is written")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024))
-    p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--block-size", type=int, default=0)
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--num-requests", type=int, default=256, help="requests (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
+                   help="prompt lengths, uniform in [MIN, MAX] (default: 100 1024)")  # fmt: skip
+    p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
+                   help="output lengths, uniform in [MIN, MAX] (default: 100 1024)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=0.6,
+                   help="sampling temperature (default: 0.6)")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=0,
+                   help="KV block size (default: 0, the engine's default)")  # fmt: skip
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES,
+                   help="attention kernels to use (default: auto)")  # fmt: skip
+    p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--skip-transformers", action="store_true",
+                   help="do not run the transformers baseline")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--trace", default=None, help="write per-phase timestamps (JSON) here")
     p.set_defaults(run=_run)
