@@ -153,6 +153,11 @@ class EngineCore:
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
+        if params.min_tokens > room:
+            raise PromptTooLongError(
+                f"prompt ({prompt_len} tokens) + min_tokens ({params.min_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
         max_tokens = params.max_tokens or room
         needed = self.blocks.blocks_needed(prompt_len + max_tokens)
         if needed > self.blocks.num_blocks:
