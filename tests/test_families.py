@@ -24,10 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from asyncllm import AsyncEngine, SamplingParams, errors
+from asyncllm.bench.model import checkpoint_shapes, write_random_model
 from asyncllm.engine.runner import SampleSpec, SeqStep
 from asyncllm.layers.rotary import rope_inv_freq
 from asyncllm.model.config import ModelConfig
-from asyncllm.model.loader import load_model
+from asyncllm.model.loader import checkpoint_files, load_model
 from asyncllm.parallel import TPGroup
 from tests.models import (
     load_reference,
@@ -606,3 +607,33 @@ async def test_two_ranks_match_transformers(
         stats = engine.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
     assert [o.token_ids for o in outs] == references.greedy(name, CROWD)
+
+
+# ---- benchmark checkpoints ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_benchmark_checkpoints_have_the_layout_transformers_saves(
+    name: str, family_dirs: dict[str, Path]
+) -> None:
+    """`asyncllm bench --model-shape` writes what transformers would: same names, shapes."""
+    config = json.loads((family_dirs[name] / "config.json").read_text())
+    saved: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files(family_dirs[name]):
+        with safe_open(str(file.path), "pt") as stored:
+            saved |= {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}  # noqa: SIM118
+    assert checkpoint_shapes(config) == saved
+
+
+async def test_a_sharded_random_benchmark_model_serves(
+    family_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    config = json.loads((family_dirs["qwen3-moe"] / "config.json").read_text())
+    write_random_model(tmp_path, config, shard_bytes=100_000)
+    assert (
+        len(checkpoint_files(tmp_path)) > 1
+        and (tmp_path / "model.safetensors.index.json").is_file()
+    )
+    async with AsyncEngine.from_pretrained(str(tmp_path), device="cpu", num_kv_blocks=16) as engine:
+        out = await engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert len(out.token_ids) == 5
