@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ import pytest
 import pytest_asyncio
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
 
 from asyncllm import LLM, AsyncEngine, EngineStats, SamplingParams, errors
@@ -293,6 +295,21 @@ async def test_torchrun_runs_generate_on_every_rank(
     assert launched.stdout.decode() == f"Once{same.text}\n"
 
 
+def test_a_bad_checkpoint_raises_its_typed_error_and_leaves_no_worker(
+    tp_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every rank reads the checkpoint; rank 0 raises the loader's own error."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tp_models["gqa-tied"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    children_before = child_processes()
+    with pytest.raises(errors.ModelLoadError, match=r"missing tensors: .*down_proj"):
+        LLM(str(broken), **TIGHT)
+    assert child_processes() <= children_before
+
+
 # ---- configuration ---------------------------------------------------------------------------
 
 
@@ -313,11 +330,6 @@ def test_a_model_that_does_not_split_evenly_is_a_config_error(
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(errors.ConfigError, match=f"{message} .*tensor_parallel_size 4"):
         AsyncEngine.from_pretrained(str(tmp_path), device="cpu", tensor_parallel_size=4)
-
-
-def test_tensor_parallel_size_must_be_a_positive_int() -> None:
-    with pytest.raises(errors.ConfigError, match="tensor_parallel_size"):
-        AsyncEngine.from_pretrained(None, tensor_parallel_size=0)
 
 
 # ---- pieces ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from asyncllm.config import EngineConfig
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
 
@@ -58,9 +57,7 @@ def _serves_as_torchrun_worker(args: argparse.Namespace) -> bool:
 
     if args.tensor_parallel_size == 1 or torchrun_rank() in (None, 0):
         return False
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
-    serve_torchrun_worker(config)
+    serve_torchrun_worker()  # with rank 0's EngineConfig
     return True
 
 

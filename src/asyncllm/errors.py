@@ -3,11 +3,13 @@
     AsyncLLMError
     ├── ConfigError                 an invalid EngineConfig or override, or memory it cannot get
     ├── InvalidRequestError         a bad prompt or SamplingParams (also a ValueError)
-    │   └── PromptTooLongError      a request that can never fit the model or the KV pool
+    │   ├── PromptTooLongError      a request that can never fit the model or the KV pool
+    │   └── DuplicateRequestIdError a request id that is already in flight
     ├── ModelLoadError              missing, unreadable or malformed model files
     │   └── UnsupportedArchitectureError
     ├── NoForwardContextError       a layer ran outside `forward_context(...)`
     ├── BlockingCallError           a blocking API was called inside a running event loop
+    ├── StreamInUseError            a second task read a RequestStream another task is reading
     └── EngineError                 a failure inside an engine step (carries `__cause__`)
         ├── EngineDeadError         the engine failed earlier and accepts no more work
         ├── EngineNotRunningError   the engine was never started or has shut down
@@ -28,6 +30,7 @@ __all__ = [
     "AsyncLLMError",
     "BlockingCallError",
     "ConfigError",
+    "DuplicateRequestIdError",
     "EngineDeadError",
     "EngineError",
     "EngineNotRunningError",
@@ -35,6 +38,7 @@ __all__ = [
     "ModelLoadError",
     "NoForwardContextError",
     "PromptTooLongError",
+    "StreamInUseError",
     "UnsupportedArchitectureError",
     "WrongEventLoopError",
 ]
@@ -61,6 +65,11 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt (plus `max_tokens`) can never fit `max_model_len` or the KV-cache pool."""
 
 
+class DuplicateRequestIdError(InvalidRequestError):
+    """A request was submitted with the id of a request still in flight (ids are free again
+    once a request finishes or is aborted)."""
+
+
 class ModelLoadError(AsyncLLMError):
     """A model directory is missing files, or a file or tensor in it is malformed."""
 
@@ -76,6 +85,11 @@ class NoForwardContextError(AsyncLLMError, RuntimeError):
 class BlockingCallError(AsyncLLMError, RuntimeError):
     """A blocking call (e.g. `LLM.generate`) was made from a thread running an event loop,
     where it would freeze the loop; use `AsyncEngine` there instead."""
+
+
+class StreamInUseError(AsyncLLMError, RuntimeError):
+    """A task tried to read a `RequestStream` while another task is waiting on it: a stream
+    has one reader at a time (hand its tokens on to others yourself)."""
 
 
 class EngineError(AsyncLLMError):

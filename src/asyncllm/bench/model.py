@@ -1,8 +1,8 @@
 """Random-weight checkpoints for benchmarks in published models' exact shapes, no download.
 
-`MODEL_SHAPES` holds the config.json of each shape (Qwen3-0.6B, Llama-3.2-1B, Qwen2.5-0.5B,
-Qwen3-30B-A3B); `write_random_model` writes one with transformers' tensor names (experts one
-by one, as published), in safetensors shards with an index when it is large.
+`SHAPES` holds the config.json of each shape (Qwen3-0.6B, Qwen3-8B, Llama-3.2-1B,
+Qwen2.5-0.5B, Qwen3-30B-A3B); `write_random_model` writes one with transformers' tensor names
+(experts one by one, as published), in safetensors shards with an index when it is large.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLAMA_3_2_1B",
-    "MODEL_SHAPES",
     "QWEN2_5_0_5B",
     "QWEN3_0_6B",
+    "QWEN3_8B",
     "QWEN3_30B_A3B",
+    "SHAPES",
     "byte_level_tokenizer",
     "checkpoint_shapes",
     "write_random_model",
@@ -47,6 +48,16 @@ QWEN3_0_6B: dict[str, Any] = {
     "hidden_act": "silu",
     "torch_dtype": "bfloat16",
     "eos_token_id": 151645,
+}
+
+QWEN3_8B: dict[str, Any] = {
+    **QWEN3_0_6B,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
 }
 
 LLAMA_3_2_1B: dict[str, Any] = {
@@ -127,8 +138,9 @@ QWEN3_30B_A3B: dict[str, Any] = {
     "eos_token_id": 151645,
 }
 
-MODEL_SHAPES: dict[str, dict[str, Any]] = {
+SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": QWEN3_0_6B,
+    "qwen3-8b": QWEN3_8B,
     "llama-3.2-1b": LLAMA_3_2_1B,
     "qwen2.5-0.5b": QWEN2_5_0_5B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
@@ -184,10 +196,13 @@ def write_random_model(
 
 
 def write_random_qwen3(
-    directory: Path, config: dict[str, Any] = QWEN3_0_6B, seed: int = 0, std: float = 0.02
-) -> Path:
-    """`write_random_model` with Qwen3-0.6B's shape by default."""
-    return write_random_model(directory, config, seed, std)
+    directory: Path, config: dict[str, Any] = QWEN3_0_6B, seed: int = 0, std: float = 0.02,
+    device: str = "cpu",
+) -> Path:  # fmt: skip
+    """`write_random_model` with Qwen3-0.6B's shape by default. `device="cuda"` draws the
+    weights there (an 8B model in seconds rather than minutes); the values then differ from
+    a CPU draw with the same seed."""
+    return write_random_model(directory, config, seed, std, device)
 
 
 def checkpoint_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,7 @@
 
 256 requests (seed 0) with prompts of U[100, 1024] random token ids and U[100, 1024] output
 tokens, ignore_eos, temperature 0.6, on a published model's exact shape (`--model-shape`,
-default Qwen3-0.6B; see `asyncllm.bench.model.MODEL_SHAPES`) with random bf16 weights.
+default Qwen3-0.6B; see `asyncllm.bench.model.SHAPES`) with random bf16 weights.
 Measured in one process, one after the other:
 
 (a) asyncllm offline (`generate_many`);
@@ -29,7 +29,8 @@ import anyio
 import torch
 
 from asyncllm.bench.loop_lag import LagMonitor
-from asyncllm.bench.model import MODEL_SHAPES, write_random_model
+from asyncllm.bench.model import SHAPES, write_random_model
+from asyncllm.config import ATTENTION_BACKEND_NAMES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
 
@@ -80,7 +81,10 @@ async def _streams(engine: AsyncEngine, prompts: list[list[int]], params: list[S
 
 async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int],
                     args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    overrides: dict[str, Any] = {"enforce_eager": args.enforce_eager}
+    overrides: dict[str, Any] = {
+        "enforce_eager": args.enforce_eager,
+        "attention_backend": args.attention_backend,
+    }
     if args.block_size:
         overrides["block_size"] = args.block_size
     engine = AsyncEngine.from_pretrained(str(model_dir), **overrides)
@@ -211,6 +215,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--block-size", type=int, default=0)
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -220,7 +225,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     """--model-shape, --num-layers, --work-dir: which random model to write (and where)."""
-    p.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(MODEL_SHAPES),
+    p.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES),
                    help="shape of the random model written when --model is not given")  # fmt: skip
     p.add_argument("--num-layers", type=int, default=None,
                    help="keep only this many decoder layers of the shape")  # fmt: skip
@@ -231,7 +236,7 @@ def random_model_dir(args: argparse.Namespace) -> Path:
     """`--model`, or the random model of `--model-shape` (written on first use)."""
     if args.model:
         return Path(args.model)
-    config = dict(MODEL_SHAPES[args.model_shape])
+    config = dict(SHAPES[args.model_shape])
     name = f"asyncllm-{args.model_shape}-random"
     if args.num_layers is not None:
         config["num_hidden_layers"] = args.num_layers

@@ -12,6 +12,7 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -58,6 +59,9 @@ class EngineCore:
         )  # fmt: skip
         self.tokenizer = Tokenizer(self.model_dir)
         self._rng = random.Random(config.seed)
+        # Automatic request ids: a random prefix per engine and a counter, so they never
+        # collide with another engine's, nor with an id a user would plausibly choose.
+        self._id_prefix = uuid.uuid4().hex
         self._ids = itertools.count()
         self.runner: ModelRunner | None = None
         self.attention_backend = ""
@@ -104,6 +108,8 @@ class EngineCore:
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None
     ) -> Request:
         """Validate a submission and build its `Request`; raises `InvalidRequestError`."""
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
         params = _check_params(params)
         token_ids = self._prompt_ids(prompt)
         max_tokens = self._check_length(len(token_ids), params)
@@ -113,7 +119,7 @@ class EngineCore:
                 f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}"
             )
         return Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            request_id=request_id if request_id is not None else self._new_request_id(),
             prompt_token_ids=token_ids,
             params=params,
             max_tokens=max_tokens,
@@ -121,6 +127,9 @@ class EngineCore:
             eos_token_ids=frozenset(self.model_config.eos_token_ids),
             detokenizer=self.tokenizer.detokenizer(),
         )
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     def _prompt_ids(self, prompt: object) -> list[int]:
         if isinstance(prompt, str):
@@ -274,11 +283,25 @@ class EngineCore:
             self._release(req)
         return victims
 
+    def close(self) -> None:
+        """Give every request's blocks back and drop the model (the engine has stopped: no
+        step is in flight any more)."""
+        try:
+            if hasattr(self, "scheduler"):  # loaded
+                self.fail_all()
+                self._deferred.clear()
+        except Exception:  # a failed step may have left the bookkeeping half-updated
+            logger.exception("releasing the requests at shutdown failed")
+        finally:
+            self.unload()
+
     def unload(self) -> None:
         """Drop the model, KV pool and CUDA graphs (the engine has shut down)."""
         if self.runner is not None:
             self.attention_backend = self.runner.attn_backend.name
-            self.runner.close()  # stops the other tensor-parallel ranks, if any
+            # Stops the other tensor-parallel ranks (if any), waits for launched steps to
+            # finish on the device, and drops the model.
+            self.runner.close()
             self.runner = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the freed memory back to the device

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
 _LOAD_TIMEOUT_S = 3600.0  # ranks wait this long for each other to load their shards
+_CLOSE_TIMEOUT_S = 60.0  # a closing runner waits this long for launched steps to finish
 
 
 class StepResult(NamedTuple):
@@ -285,7 +287,7 @@ class ModelRunner:
         if asked is None:
             if window is not None and window < min(model_limit, pool_tokens):
                 # Within the window sliding attention is full attention: serve that much.
-                logger.warning("max_model_len capped at the sliding_window of config.json, %d", window)
+                logger.warning("max_model_len capped at config.json's sliding_window, %d", window)
                 return window
             return min(model_limit, pool_tokens)
         if asked > model_limit:
@@ -392,12 +394,33 @@ class ModelRunner:
         return self.workers.failures() if self.workers is not None else contextlib.nullcontext()
 
     def close(self) -> None:
-        """Stop the other ranks (rank 0 of a group) and leave the groups; the model's memory
-        goes once the runner is dropped."""
-        self.graphs = None
+        """Stop the other ranks (rank 0 of a group), wait for launched steps to finish on the
+        device, then let go of the model, its KV pool and its graphs now, even if something
+        (a failure's traceback) still holds the runner."""
         if self.workers is not None:
+            # First: the workers finish the steps they were sent (which rank 0's in-flight
+            # steps wait on), or a failure aborted the groups (NCCL kernels waiting on a lost
+            # rank exit), so the wait below ends.
             self.workers.close()
             self.workers = None
+        if self.stream is not None:
+            _wait_for_stream(self.stream, timeout_s=_CLOSE_TIMEOUT_S)
+        self.graphs = None
+        for name in ("model", "kv_cache"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+
+def _wait_for_stream(stream: torch.cuda.Stream, timeout_s: float) -> None:
+    """Wait for the work enqueued on `stream` so far; give up (logging) after `timeout_s`."""
+    done = _new_event()
+    done.record(stream)
+    deadline = time.monotonic() + timeout_s
+    while not done.query():  # type: ignore[no-untyped-call]
+        if time.monotonic() > deadline:
+            logger.error("launched work still runs on %s after %g s", stream.device, timeout_s)
+            return
+        time.sleep(0.001)
 
 
 def _new_stream(device: torch.device) -> torch.cuda.Stream:

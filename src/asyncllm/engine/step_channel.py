@@ -51,16 +51,16 @@ def encode_step(host: HostStep) -> tuple[np.ndarray, np.ndarray]:
 def decode_step(header: np.ndarray, payload: np.ndarray) -> HostStep:
     """The `HostStep` that `encode_step` turned into `header` and `payload` (views of
     `payload`, which must not be reused while the step is in use)."""
-    _, _, num_ints, num_int32s, rows, cols, name_bytes = (int(v) for v in header[:_FIXED_FIELDS])
+    _, _, num_ints, num_int32s, rows, cols, name_bytes = header[:_FIXED_FIELDS].tolist()
     reader = _Reader(payload)
-    sizes = reader.take(np.int64, num_ints + num_int32s)
-    names = bytes(reader.take(np.uint8, name_bytes, at_end=True)).decode("ascii").split(",")
-    int_sizes = dict(zip(names[:num_ints], (int(n) for n in sizes[:num_ints])))
-    int32_sizes = dict(zip(names[num_ints:], (int(n) for n in sizes[num_ints:])))
+    sizes = reader.take(np.int64, num_ints + num_int32s).tolist()
+    names = reader.take(np.uint8, name_bytes, at_end=True).tobytes().decode("ascii").split(",")
+    int_sizes = dict(zip(names[:num_ints], sizes[:num_ints]))
+    int32_sizes = dict(zip(names[num_ints:], sizes[num_ints:]))
     ints = reader.take(np.int64, _packed_length(int_sizes.values(), 8))
     int32s = reader.take(np.int32, _packed_length(int32_sizes.values(), 4))
     floats = reader.take(np.float32, rows * cols).reshape(rows, cols)
-    meta = [int(v) for v in header[_FIXED_FIELDS:_HEADER_FIELDS]]
+    meta = header[_FIXED_FIELDS:_HEADER_FIELDS].tolist()
     return HostStep(ints, int_sizes, int32s, int32_sizes, floats, _meta(meta))
 
 
@@ -117,10 +117,12 @@ class StepReceiver:
         return decode_step(header, payload)
 
 
+# Which StepMeta fields are flags (the header carries them as 0/1).
+_META_FLAGS = tuple(StepMeta.__annotations__[name] == "bool" for name in StepMeta._fields)
+
+
 def _meta(values: list[int]) -> StepMeta:
-    fields = StepMeta.__annotations__  # strings: this module's annotations are lazy
-    typed: list[Any] = [bool(v) if fields[name] == "bool" else v
-                        for name, v in zip(StepMeta._fields, values)]  # fmt: skip
+    typed: list[Any] = [bool(v) if flag else v for flag, v in zip(_META_FLAGS, values)]
     return StepMeta(*typed)
 
 

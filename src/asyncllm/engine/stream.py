@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from asyncllm.errors import EngineError
+from asyncllm.errors import EngineError, StreamInUseError
 from asyncllm.outputs import RequestOutput, StreamToken
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ class RequestStream:
     the reading task, or dropping the last reference all abort an unfinished request and free
     its KV blocks.
 
+    One task reads a stream at a time: a second task that tries while the first is waiting
+    for tokens gets `StreamInUseError` (the first keeps reading).
+
     Example:
         >>> async with engine.stream("Once upon a time") as stream:  # doctest: +SKIP
         ...     async for token in stream:
@@ -39,6 +42,8 @@ class RequestStream:
         self._engine = engine
         self._request = request
         self._cursor = 0
+        self._waiting = False
+        """A reader is waiting for tokens (a second one would take its wake-up)."""
 
     @property
     def request_id(self) -> str:
@@ -57,12 +62,20 @@ class RequestStream:
                         f"request {req.request_id} failed: {req.error!r}"
                     ) from req.error
                 raise StopAsyncIteration
-            waiter = req.waiter = self._engine._new_waiter()
+            if self._waiting:
+                raise StreamInUseError(
+                    f"the stream of request {req.request_id} is already being read by another "
+                    "task; a RequestStream has one reader at a time"
+                )
+            waiter = req.waiter = self._engine._lifecycle.new_waiter()
+            self._waiting = True
             try:
                 await waiter
             except BaseException:  # cancelled while waiting: the caller is gone
-                self._engine.abort(req.request_id)
+                self._engine._abort_request(req)
                 raise
+            finally:
+                self._waiting = False
         token = req.stream_token(self._cursor)
         self._cursor += 1
         return token
@@ -91,7 +104,7 @@ class RequestStream:
 
     async def aclose(self) -> None:
         """Abort the request if it is still running (harmless when it is done)."""
-        self._engine.abort(self._request.request_id)
+        self._engine._abort_request(self._request)
 
     async def __aenter__(self) -> RequestStream:
         return self
@@ -107,4 +120,4 @@ class RequestStream:
     def __del__(self) -> None:
         # The last reference went away (e.g. `break` out of `async for engine.stream(...)`).
         if not self._request.is_finished:
-            self._engine.abort_threadsafe(self._request.request_id)
+            self._engine._abort_soon(self._request)

@@ -24,7 +24,9 @@ then kills what is left.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -54,9 +56,11 @@ from asyncllm.parallel import DEFAULT_TIMEOUT_S, TPGroup, connect
 
 __all__ = [
     "WorkerPool",
+    "rank_device",
     "serve_steps",
     "serve_torchrun_worker",
     "start_runner",
+    "timeout_s",
     "torchrun_rank",
 ]
 
@@ -66,6 +70,7 @@ logger = logging.getLogger(__name__)
 dist: Any = torch.distributed
 
 _STOP_TIMEOUT_S = 10.0  # a worker told to stop has this long to exit before it is terminated
+_NOTICE_S = 1.0  # a dead rank's sockets close a moment before the monitor notices its death
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Engines built so far in this process under torchrun: every rank builds them in the same
 # order, so the k-th engine of each rank meets the others under the same store prefix.
@@ -180,6 +185,7 @@ def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineCon
         error = pool.startup_error(exc)
         pool.close()
         raise error from error.__cause__
+    pool.serving()
     runner.workers = pool
     logger.info("tensor parallelism: %d ranks, workers %s", world, pool.pids)
     return runner
@@ -202,13 +208,16 @@ def _loopback_store(world: int) -> Any:
 def _start_under_torchrun(
     model_dir: Path, model_config: ModelConfig, config: EngineConfig
 ) -> ModelRunner:
-    rank, world, local_rank = _torchrun_ranks(config)
+    rank, world, local_rank = _torchrun_ranks(config.tensor_parallel_size)
     if rank != 0:
         raise EngineError(
             f"torchrun rank {rank} must serve steps, not build an engine: call "
-            "asyncllm.engine.workers.serve_torchrun_worker(config) on ranks > 0"
+            "asyncllm.engine.workers.serve_torchrun_worker() on ranks > 0"
         )
-    tp = _torchrun_group(config, rank, world, local_rank)
+    store = _torchrun_store(rank, world)
+    # The other ranks build exactly this engine's runner: they take its config from here.
+    store.set("config", json.dumps(dataclasses.asdict(config)))
+    tp = _torchrun_group(store, config, rank, world, local_rank)
     pool = WorkerPool(None)
     pool.attach(tp)
     try:
@@ -216,6 +225,7 @@ def _start_under_torchrun(
     except BaseException:
         pool.close()
         raise
+    pool.serving()
     runner.workers = pool
     return runner
 
@@ -237,6 +247,8 @@ class WorkerPool:
         """What failed (another rank, or a step that took too long), once something did."""
         self._failure_cause: BaseException | None = None
         self._failed = threading.Event()
+        self._serving = False
+        """Every rank has built its runner and waits for steps (so "stop" reaches them)."""
         self._broken = False
         """A collective failed on this rank: the groups cannot be trusted to stop gracefully."""
         self._closing = threading.Event()
@@ -261,6 +273,10 @@ class WorkerPool:
         """Rank 0's groups, once built."""
         self.tp = tp
         self.sender = StepSender(tp)
+
+    def serving(self) -> None:
+        """Every rank is ready: from now on shutdown tells them to stop (before, it kills)."""
+        self._serving = True
 
     def connect_rank0(self, device: torch.device, limit_s: float) -> TPGroup:
         """Build rank 0's groups, giving up as soon as a worker fails (building them waits
@@ -342,7 +358,7 @@ class WorkerPool:
         except Exception as exc:
             self._broken = True
             if self._workers:
-                self._failed.wait(2.0)
+                self._failed.wait(_NOTICE_S)
             if self._failure is None:
                 raise
             raise EngineError(self._failure) from self._failure_cause or exc
@@ -353,7 +369,7 @@ class WorkerPool:
         if isinstance(exc, AsyncLLMError) or not isinstance(exc, Exception):
             return exc
         if self._workers:
-            self._failed.wait(2.0)
+            self._failed.wait(_NOTICE_S)
         if self._failure is None:
             return exc
         if isinstance(self._failure_cause, AsyncLLMError):
@@ -391,7 +407,7 @@ class WorkerPool:
         if self._closing.is_set():
             return
         self._closing.set()
-        graceful = self._failure is None and not self._broken and self.sender is not None
+        graceful = self._serving and self._failure is None and not self._broken
         if graceful:
             assert self.sender is not None
             try:
@@ -511,51 +527,60 @@ def _exit_with_parent(lifeline: int) -> None:
 
 
 def torchrun_rank() -> int | None:
-    """This process's rank when torchrun (or another env:// launcher) started it, else None."""
+    """This process's rank when torchrun (or another env:// launcher) started it as one of
+    several processes, else None."""
     if not all(name in os.environ for name in _TORCHRUN_ENV):
         return None
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        return None  # one process: the engine spawns its own workers
     return int(os.environ["RANK"])
 
 
-def serve_torchrun_worker(config: EngineConfig) -> None:
-    """On torchrun ranks > 0: build this rank's shard and serve rank 0's steps until it shuts
-    down. Rank 0 builds the engine as usual, with the same `config`.
+def serve_torchrun_worker() -> None:
+    """On torchrun ranks > 0: build this rank's shard of rank 0's engine (its `EngineConfig`
+    comes from rank 0) and serve its steps until it shuts down. Returns then.
 
-    Example (every rank runs this script, `torchrun --nproc-per-node 2 script.py`):
-        >>> config = EngineConfig(model=path, tensor_parallel_size=2)  # doctest: +SKIP
+    Example (every rank runs this script: `torchrun --nproc-per-node 2 script.py`):
         >>> if torchrun_rank() != 0:  # doctest: +SKIP
-        ...     serve_torchrun_worker(config)
+        ...     serve_torchrun_worker()
         ... else:
         ...     with LLM(path, tensor_parallel_size=2) as llm: ...
     """
     from asyncllm.engine.core import DEFAULT_MODEL_DIR
 
-    rank, world, local_rank = _torchrun_ranks(config)
+    rank, world, local_rank = _torchrun_ranks(int(os.environ["WORLD_SIZE"]))
+    store = _torchrun_store(rank, world)
+    store.wait(["config"], timedelta(days=1))  # for as long as rank 0 takes to get there
+    config = EngineConfig(**json.loads(store.get("config")))
     model_dir = Path(config.model) if config.model is not None else DEFAULT_MODEL_DIR
-    model_config = ModelConfig.from_dir(model_dir)
     device = rank_device(config, rank, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = _torchrun_group(config, rank, world, local_rank)
+    tp = _torchrun_group(store, config, rank, world, local_rank)
     try:
-        serve_steps(ModelRunner(model_dir, model_config, config, tp))
+        serve_steps(ModelRunner(model_dir, ModelConfig.from_dir(model_dir), config, tp))
     finally:
         tp.close()
 
 
-def _torchrun_ranks(config: EngineConfig) -> tuple[int, int, int]:
+def _torchrun_ranks(tensor_parallel_size: int) -> tuple[int, int, int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != config.tensor_parallel_size:
+    if world != tensor_parallel_size:
         raise ConfigError(
             f"torchrun started WORLD_SIZE {world} processes but tensor_parallel_size is "
-            f"{config.tensor_parallel_size}: start one process per rank"
+            f"{tensor_parallel_size}: start one process per rank"
         )
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
-def _torchrun_group(config: EngineConfig, rank: int, world: int, local_rank: int) -> TPGroup:
-    limit = timeout_s()
-    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=limit)))
-    prefixed = dist.PrefixStore(f"asyncllm/{next(_torchrun_engines)}/", store)
+def _torchrun_store(rank: int, world: int) -> Any:
+    """torchrun's store, under a prefix of this engine's own (the k-th engine of each rank)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=600)))
+    return dist.PrefixStore(f"asyncllm/{next(_torchrun_engines)}/", store)
+
+
+def _torchrun_group(
+    store: Any, config: EngineConfig, rank: int, world: int, local_rank: int
+) -> TPGroup:
     device = rank_device(config, rank, local_rank)
-    return connect(prefixed, rank, world, device, loopback=False, timeout_s=limit)
+    return connect(store, rank, world, device, loopback=False, timeout_s=timeout_s())
