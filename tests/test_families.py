@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from asyncllm import AsyncEngine, SamplingParams, errors
-from asyncllm.bench.model import checkpoint_shapes, write_random_model
+from asyncllm.bench.model import checkpoint_shapes, write_random_checkpoint
 from asyncllm.engine.runner import SampleSpec, SeqStep
 from asyncllm.layers.rotary import rope_inv_freq
 from asyncllm.model.config import ModelConfig
@@ -629,7 +629,7 @@ async def test_a_sharded_random_benchmark_model_serves(
     family_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     config = json.loads((family_dirs["qwen3-moe"] / "config.json").read_text())
-    write_random_model(tmp_path, config, shard_bytes=100_000)
+    write_random_checkpoint(tmp_path, config, shard_bytes=100_000)
     assert (
         len(checkpoint_files(tmp_path)) > 1
         and (tmp_path / "model.safetensors.index.json").is_file()

@@ -1,7 +1,7 @@
 """Random-weight checkpoints for benchmarks in published models' exact shapes, no download.
 
 `SHAPES` holds the config.json of each shape (Qwen3-0.6B, Qwen3-8B, Llama-3.2-1B,
-Qwen2.5-0.5B, Qwen3-30B-A3B); `write_random_model` writes one with transformers' tensor names
+Qwen2.5-0.5B, Qwen3-30B-A3B); `write_random_checkpoint` writes one with transformers' tensor names
 (experts one by one, as published), in safetensors shards with an index when it is large.
 """
 
@@ -26,7 +26,7 @@ __all__ = [
     "SHAPES",
     "byte_level_tokenizer",
     "checkpoint_shapes",
-    "write_random_model",
+    "write_random_checkpoint",
     "write_random_qwen3",
 ]
 
@@ -162,7 +162,7 @@ def byte_level_tokenizer(vocab_size: int) -> Any:
     return fast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
 
 
-def write_random_model(
+def write_random_checkpoint(
     directory: Path, config: dict[str, Any], seed: int = 0, std: float = 0.02,
     device: str | torch.device = "cpu", shard_bytes: int = 2 * 2**30,
 ) -> Path:  # fmt: skip
@@ -199,10 +199,10 @@ def write_random_qwen3(
     directory: Path, config: dict[str, Any] = QWEN3_0_6B, seed: int = 0, std: float = 0.02,
     device: str = "cpu",
 ) -> Path:  # fmt: skip
-    """`write_random_model` with Qwen3-0.6B's shape by default. `device="cuda"` draws the
+    """`write_random_checkpoint` with Qwen3-0.6B's shape by default. `device="cuda"` draws the
     weights there (an 8B model in seconds rather than minutes); the values then differ from
     a CPU draw with the same seed."""
-    return write_random_model(directory, config, seed, std, device)
+    return write_random_checkpoint(directory, config, seed, std, device)
 
 
 def checkpoint_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

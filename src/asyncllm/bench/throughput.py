@@ -29,7 +29,7 @@ import anyio
 import torch
 
 from asyncllm.bench.loop_lag import LagMonitor
-from asyncllm.bench.model import SHAPES, write_random_model
+from asyncllm.bench.model import SHAPES, write_random_checkpoint
 from asyncllm.config import ATTENTION_BACKEND_NAMES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
@@ -242,7 +242,7 @@ def random_model_dir(args: argparse.Namespace) -> Path:
         config["num_hidden_layers"] = args.num_layers
         name += f"-{args.num_layers}-layers"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return write_random_model(Path(args.work_dir or tempfile.gettempdir()) / name, config,
+    return write_random_checkpoint(Path(args.work_dir or tempfile.gettempdir()) / name, config,
                               device=device)  # fmt: skip
 
 
