@@ -630,10 +630,20 @@ async def test_a_sharded_random_benchmark_model_serves(
 ) -> None:
     config = json.loads((family_dirs["qwen3-moe"] / "config.json").read_text())
     write_random_checkpoint(tmp_path, config, shard_bytes=100_000)
-    assert (
-        len(checkpoint_files(tmp_path)) > 1
-        and (tmp_path / "model.safetensors.index.json").is_file()
-    )
+    assert len(checkpoint_files(tmp_path)) > 1
     async with AsyncEngine.from_pretrained(str(tmp_path), device="cpu", num_kv_blocks=16) as engine:
         out = await engine.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert len(out.token_ids) == 5
+
+
+def test_transformers_loads_a_sharded_random_benchmark_model_whole(
+    family_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The throughput benchmark compares against transformers on these very files."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((family_dirs["llama3"] / "config.json").read_text())
+    write_random_checkpoint(tmp_path, config, shard_bytes=300_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

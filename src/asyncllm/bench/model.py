@@ -184,7 +184,8 @@ def write_random_checkpoint(
         save_file(tensors, str(directory / file))
         weight_map |= dict.fromkeys(names, file)
     if len(shards) > 1:
-        index_json = {"metadata": {}, "weight_map": weight_map}
+        total_bytes = sum(2 * int(torch.Size(shape).numel()) for shape in shapes.values())
+        index_json = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=1))
     (directory / "generation_config.json").write_text(
         json.dumps({"eos_token_id": config["eos_token_id"]})
