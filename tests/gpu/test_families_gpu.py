@@ -42,8 +42,9 @@ GPU_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("qwen2", dict(_BASE, tie_word_embeddings=True, rope_theta=1000000.0)),
     "mistral": ("mistral", dict(_BASE, num_key_value_heads=4, head_dim=128,
                                 tie_word_embeddings=False, sliding_window=None)),
+    # 2 * 96 != hidden: a packed expert tensor saved in another layout fails the shape check.
     "qwen3-moe": ("qwen3_moe", dict(
-        _BASE, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+        _BASE, moe_intermediate_size=96, num_experts=16, num_experts_per_tok=4,
         norm_topk_prob=True, mlp_only_layers=[2],
     )),
 }  # fmt: skip
