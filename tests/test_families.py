@@ -647,3 +647,23 @@ def test_transformers_loads_a_sharded_random_benchmark_model_whole(
     assert (tmp_path / "model.safetensors.index.json").is_file()
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_model_is_built_in_its_dtype_not_cast_from_float32() -> None:
+    """Parameters made in bf16 from the start (no float32 copy of a large model); explicit
+    dtypes, integer ranges and other threads are left alone."""
+    import threading
+
+    from asyncllm.model.loader import _FactoryDtype
+
+    other_thread: list[torch.dtype] = []
+    with _FactoryDtype(torch.bfloat16):
+        layer = torch.nn.Linear(8, 4)
+        explicit = torch.empty(2, dtype=torch.float32)
+        positions = torch.arange(3)
+        thread = threading.Thread(target=lambda: other_thread.append(torch.empty(1).dtype))
+        thread.start()
+        thread.join()
+    assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+    assert explicit.dtype == torch.float32 and positions.dtype == torch.int64
+    assert other_thread == [torch.float32]

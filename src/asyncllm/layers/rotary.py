@@ -85,7 +85,9 @@ def rope_inv_freq(
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
-    return _llama3(inv_freq, scaling)
+    if scaling.rope_type == "llama3":
+        return _llama3(inv_freq, scaling)
+    raise ValueError(f"rope type {scaling.rope_type!r} is not one this layer computes")
 
 
 def _llama3(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:

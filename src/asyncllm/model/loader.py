@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from asyncllm.errors import ModelLoadError
 from asyncllm.layers.linear import MergedColumnParallelLinear
@@ -36,11 +37,32 @@ def load_model(
     """Instantiate the registered class for `config.architecture` and load its weights (this
     rank's shard of them, under tensor parallelism)."""
     cls = model_class(config.architecture)
-    with torch.device(device):
+    # Parameters are created in `dtype` directly: built in float32 and then cast, a model
+    # would hold both copies at once (a 30B model: 120 GB + 60 GB for a moment).
+    with torch.device(device), _FactoryDtype(dtype):
         model = cls(config, tp or TPGroup())
-    model.to(dtype=dtype)
+    model.to(dtype=dtype)  # buffers computed in float32 (the rotary tables) follow
     load_weights(model, model_dir)
     return model.eval().requires_grad_(False)
+
+
+class _FactoryDtype(TorchFunctionMode):
+    """Within it, in this thread only, `torch.empty` / `zeros` / `ones` without a dtype make
+    `dtype` tensors (as `torch.device(...)` does for the device)."""
+
+    _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones})
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES and kwargs.get("dtype") is None:
+            kwargs["dtype"] = self.dtype
+        return func(*args, **kwargs)
 
 
 def load_weights(model: nn.Module, model_dir: Path) -> None:
