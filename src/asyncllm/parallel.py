@@ -114,7 +114,7 @@ class TPGroup:
         """Sum `tensor` over the ranks, in place; returns it."""
         opts = self._options(dist.AllreduceOptions())
         opts.reduceOp = dist.ReduceOp.SUM
-        self._device_group().allreduce([tensor], opts).wait()
+        _wait(self._device_group().allreduce([tensor], opts))
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -122,14 +122,14 @@ class TPGroup:
         tensor = tensor.contiguous()
         out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
         opts = self._options(_c10d.AllgatherOptions())  # not re-exported by torch.distributed
-        self._device_group()._allgather_base(out, tensor, opts).wait()
+        _wait(self._device_group()._allgather_base(out, tensor, opts))
         return out
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `tensor` on every rank with rank `src`'s (device group); returns it."""
         opts = self._options(dist.BroadcastOptions())
         opts.rootRank = src
-        self._device_group().broadcast([tensor], opts).wait()
+        _wait(self._device_group().broadcast([tensor], opts))
         return tensor
 
     def cpu_broadcast(self, tensor: torch.Tensor, timeout_s: float | None = None) -> None:
@@ -217,6 +217,19 @@ def connect(
     else:
         device_group = _gloo(dist.PrefixStore("dev/", store), rank, world_size, timeout, loopback)
     return TPGroup(rank, world_size, device, Groups(device_group, cpu_group), timeout_s)
+
+
+def _wait(work: Any) -> None:
+    """Wait for a collective: with asyncOp=False NCCL ran it on the caller's stream already
+    and returns no Work (None); gloo returns one."""
+    if work is None:
+        return
+    try:
+        work.wait()
+    finally:
+        # A failed wait's traceback keeps this frame (the engine keeps its failure): the
+        # Work would keep the group, and its sockets, alive after shutdown.
+        del work
 
 
 def _nccl(store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> Any:

@@ -100,7 +100,7 @@ def test_a_killed_gpu_worker_fails_the_streams_and_shutdown_frees_both_gpus(
         async with engine:
             pool = engine._core.runner.workers  # type: ignore[union-attr]
             assert pool is not None
-            params = SamplingParams(max_tokens=2000, ignore_eos=True)
+            params = SamplingParams(max_tokens=900, ignore_eos=True)  # max_model_len is 1024
             streams = [engine.stream([1, 2, i], params) for i in range(8)]
             await streams[0].__anext__()
             os.kill(pool.pids[0], signal.SIGKILL)

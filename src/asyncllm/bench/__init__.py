@@ -25,5 +25,5 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     throughput.add_parser(kinds)
     decode.add_parser(kinds)
     loop_lag.add_parser(kinds)
-    tensor_parallel.add_parser(kinds)
     soak.add_parser(kinds)
+    tensor_parallel.add_parser(kinds)
