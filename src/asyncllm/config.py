@@ -63,11 +63,14 @@ class EngineConfig:
     """Schedule step N+1 while the device runs step N; None: on for CUDA, off for CPU."""
     seed: int = 0
     """Seed of the engine's sampling; requests without their own seed draw one from it."""
+    max_waiting_requests: int | None = None
+    """Most sequences waiting for admission; a submission finding the queue full raises
+    `EngineOverloadedError` (counted in `EngineStats.num_rejected_overloaded`). None: no limit."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             _require_positive_int(name, getattr(self, name))
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_bytes"):
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_bytes", "max_waiting_requests"):
             value = getattr(self, name)
             if value is not None:
                 _require_positive_int(name, value)

@@ -12,6 +12,8 @@ from asyncllm.errors import InvalidRequestError
 __all__ = ["SamplingParams"]
 
 MAX_LOGPROBS = 20
+MAX_N = 128
+MAX_PRESENCE_FREQUENCY_PENALTY = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,19 @@ class SamplingParams:
     """No stop condition applies before this many tokens are generated."""
     logprobs: int | None = None
     """Return the log-probability of each sampled token and of the top-n alternatives."""
+    n: int = 1
+    """Independent choices (completions) to generate for the prompt, 1..128. They share the
+    prompt's KV blocks through the prefix cache; with a seed, choice i draws from a seed
+    derived from (seed, i), so every choice differs and each is reproducible."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted from the logit of every token generated at least once so far
+    (OpenAI semantics; > 0 favours new tokens)."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: subtracted from each token's logit once per time it was generated so far
+    (OpenAI semantics; > 0 discourages verbatim repetition)."""
+    repetition_penalty: float = 1.0
+    """> 0: logits of tokens seen in the prompt or the output so far are divided by it when
+    positive and multiplied by it when negative (HF / vLLM semantics); 1 is off."""
 
     def __post_init__(self) -> None:
         # Callers may pass one string or any iterable; store tuples (hashable, truly frozen).
@@ -81,11 +96,32 @@ class SamplingParams:
             _is_int(self.logprobs, minimum=0) and self.logprobs <= MAX_LOGPROBS
         ):
             _bad(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None", self.logprobs)
+        self._validate_penalties_and_n()
+
+    def _validate_penalties_and_n(self) -> None:
+        if not (_is_int(self.n, minimum=1) and self.n <= MAX_N):
+            _bad(f"n must be an int in [1, {MAX_N}]", self.n)
+        limit = MAX_PRESENCE_FREQUENCY_PENALTY
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -limit <= value <= limit:
+                _bad(f"{name} must be a number in [{-limit}, {limit}]", value)
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            _bad("repetition_penalty must be a finite number > 0", self.repetition_penalty)
 
     @property
     def is_greedy(self) -> bool:
         """True when tokens are picked by argmax (temperature 0)."""
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any of presence, frequency or repetition penalty is on."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
 
 def _as_tuple(value: object) -> tuple[Any, ...]:

@@ -159,14 +159,16 @@ class AsyncEngine:
         """Submit a request and return the async iterator of its tokens.
 
         `prompt` is text or a list of token ids. Raises `InvalidRequestError` (or its child
-        `PromptTooLongError`) at once for a bad request; the engine keeps serving.
+        `PromptTooLongError`) at once for a bad request, and `EngineOverloadedError` when
+        `EngineConfig.max_waiting_requests` sequences are already waiting; the engine keeps
+        serving. With `params.n > 1` the one stream carries every choice (`StreamToken.choice`).
         """
         self._check_usable()
         if request_id is not None and request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         req = self._core.make_request(prompt, params, request_id)
+        self._core.add(req)
         self._requests[req.request_id] = req
-        self._core.scheduler.add(req)
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._wakeup.set()
@@ -180,7 +182,8 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
     ) -> RequestOutput:
-        """Run one request to completion and return its `RequestOutput`."""
+        """Run one request to completion and return its `RequestOutput` (with every choice
+        in `choices` when `params.n > 1`)."""
         async with self.stream(prompt, params, request_id=request_id) as stream:
             async for _ in stream.chunks():
                 pass
@@ -203,7 +206,13 @@ class AsyncEngine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"{len(params)} params for {len(prompts)} prompts")
-        streams = [self.stream(p, sp) for p, sp in zip(prompts, params)]
+        streams: list[RequestStream] = []
+        try:
+            streams.extend(self.stream(p, sp) for p, sp in zip(prompts, params))
+        except BaseException:  # e.g. EngineOverloadedError halfway: withdraw the rest
+            for stream in streams:
+                self.abort(stream.request_id)
+            raise
         outputs: list[RequestOutput | None] = [None] * len(streams)
         bar = _progress_bar(len(streams)) if progress else None
 
@@ -233,7 +242,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request and free its KV blocks; unknown or finished ids are ignored."""
         req = self._requests.pop(request_id, None)
-        if req is None or req.is_finished:
+        if req is None or req.all_choices_finished:
             return
         self._core.abort(req)
         self._notify(req)
@@ -376,6 +385,9 @@ class AsyncEngine:
         self._core.end_step(step)
 
     def _on_finished(self, req: Request) -> None:
+        head = self._requests.get(req.request_id)
+        if head is not None and not head.all_choices_finished:
+            return  # other choices of the request are still running
         self._requests.pop(req.request_id, None)
         logger.debug(
             "request %s finished (%s): %d prompt + %d generated tokens",

@@ -4,6 +4,7 @@ A `StepBatch` collects one step in flat Python lists (one `add` per sequence, de
 then `prepare_step` turns it into numpy arrays in a handful of vectorised operations and
 moves them in one non-blocking copy per dtype (through pinned memory on CUDA), so building
 step N+1 never waits for step N. This runs every step for every sequence: it is kept lean.
+Penalties add their per-row values and token lists only to steps where some row has one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from asyncllm.context import ForwardContext
 from asyncllm.kernels.base import AttentionBackend
-from asyncllm.layers.sampler import SamplingTensors
+from asyncllm.layers.sampler import PenaltyTensors, SamplingTensors
 from asyncllm.sampling import SamplingParams
 
 __all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
@@ -33,6 +34,11 @@ class SampleSpec(NamedTuple):
     """Index of the token being drawn among the request's outputs (keys the random stream)."""
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be drawn now (EOS and stop ids while under min_tokens)."""
+    output_token_ids: Sequence[int] = ()
+    """With penalties: the tokens generated so far that the host knows (a token still
+    pending on the device is added from there)."""
+    prompt_token_ids: Sequence[int] = ()
+    """With a repetition penalty: the prompt's token ids (each distinct id once suffices)."""
 
 
 class SeqStep(NamedTuple):
@@ -73,6 +79,7 @@ class StepBatch:
         self.any_top_k_top_p = False
         self.any_min_p = False
         self.num_logprobs = -1
+        self.penalties = _PenaltyLists()
 
     @classmethod
     def from_steps(cls, steps: Sequence[SeqStep]) -> StepBatch:
@@ -101,6 +108,8 @@ class StepBatch:
         self.starts.append(start)
         self.tables.append(block_table)
         if sample is not None:
+            if sample.params.has_penalties:
+                self.penalties.add(len(self.seeds), sample, pending_row)
             self._add_sample(sample)
 
     def _add_sample(self, sample: SampleSpec) -> None:
@@ -119,6 +128,62 @@ class StepBatch:
         self.any_min_p = self.any_min_p or p.min_p > 0.0
         if p.logprobs is not None:
             self.num_logprobs = max(self.num_logprobs, p.logprobs)
+
+
+class _PenaltyLists:
+    """The penalised rows of a step: their values and the tokens each has seen."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.presence: list[float] = []
+        self.frequency: list[float] = []
+        self.repetition: list[float] = []
+        self.output_tokens: list[int] = []
+        self.output_lens: list[int] = []
+        self.prompt_tokens: list[int] = []
+        self.prompt_lens: list[int] = []
+        self.pending_index: list[int] = []
+        self.pending_src: list[int] = []
+
+    def add(self, row: int, sample: SampleSpec, pending_row: int | None) -> None:
+        p = sample.params
+        self.rows.append(row)
+        self.presence.append(p.presence_penalty)
+        self.frequency.append(p.frequency_penalty)
+        self.repetition.append(p.repetition_penalty)
+        self.output_tokens.extend(sample.output_token_ids)
+        if pending_row is not None:
+            # The sequence's newest output is this step's pending input: the runner copies
+            # it here on the device, as it does for the input ids.
+            self.pending_index.append(len(self.output_tokens))
+            self.pending_src.append(pending_row)
+            self.output_tokens.append(0)
+        self.output_lens.append(len(sample.output_token_ids) + (pending_row is not None))
+        prompt = sample.prompt_token_ids if p.repetition_penalty != 1.0 else ()
+        self.prompt_tokens.extend(prompt)
+        self.prompt_lens.append(len(prompt))
+
+    def int_arrays(self) -> dict[str, np.ndarray]:
+        rows = np.array(self.rows, np.int64)
+        return {
+            "output_rows": np.repeat(rows, self.output_lens),
+            "output_tokens": np.array(self.output_tokens, np.int64),
+            "prompt_rows": np.repeat(rows, self.prompt_lens),
+            "prompt_tokens": np.array(self.prompt_tokens, np.int64),
+            "pending_index": np.array(self.pending_index, np.int64),
+            "pending_src": np.array(self.pending_src, np.int64),
+        }
+
+    def float_rows(self, num_rows: int) -> list[np.ndarray]:
+        """[presence, frequency, repetition], each [num_rows] with the neutral value for
+        rows without penalties."""
+        values: list[np.ndarray] = []
+        for given, neutral in ((self.presence, 0.0), (self.frequency, 0.0),
+                               (self.repetition, 1.0)):  # fmt: skip
+            row_values = np.full(num_rows, neutral, np.float32)
+            row_values[self.rows] = given
+            values.append(row_values)
+        return values
 
 
 class PreparedStep(NamedTuple):
@@ -206,11 +271,16 @@ def prepare_step(
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    floats = np.array([batch.temperatures, batch.top_ps, batch.min_ps], np.float32)
+    float_rows: list[Sequence[float] | np.ndarray] = [batch.temperatures, batch.top_ps, batch.min_ps]
+    penalised = bool(batch.penalties.rows)
+    if penalised:  # steps without penalties build and copy nothing for them
+        ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
+        float_rows.extend(batch.penalties.float_rows(len(batch.seeds)))
+    floats = np.array(float_rows, np.float32)
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _unpack(to_device(_pack(ints)), ints)
     views32 = _unpack(to_device(_pack(int32s)), int32s)
-    f32 = to_device(floats.reshape(3, -1))
+    f32 = to_device(floats.reshape(len(float_rows), -1))
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
@@ -230,7 +300,7 @@ def prepare_step(
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(batch, views, f32),
+        sampling=_sampling(batch, views, f32, penalised),
     )
 
 
@@ -292,9 +362,26 @@ def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch
     return views
 
 
+def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {prefix + name: array for name, array in arrays.items()}
+
+
 def _sampling(
-    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor
+    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor, penalised: bool
 ) -> SamplingTensors:
+    penalties = None
+    if penalised:
+        penalties = PenaltyTensors(
+            presence=floats[3],
+            frequency=floats[4],
+            repetition=floats[5],
+            output_rows=views["penalty_output_rows"],
+            output_tokens=views["penalty_output_tokens"],
+            prompt_rows=views["penalty_prompt_rows"],
+            prompt_tokens=views["penalty_prompt_tokens"],
+            pending_index=views["penalty_pending_index"],
+            pending_src=views["penalty_pending_src"],
+        )
     return SamplingTensors(
         temperatures=floats[0],
         top_k=views["top_k"],
@@ -308,4 +395,5 @@ def _sampling(
         any_top_k_top_p=batch.any_top_k_top_p,
         any_min_p=batch.any_min_p,
         num_logprobs=batch.num_logprobs,
+        penalties=penalties,
     )
