@@ -174,16 +174,16 @@ class _PenaltyLists:
             "pending_src": np.array(self.pending_src, np.int64),
         }
 
-    def float_rows(self, num_rows: int) -> list[np.ndarray]:
-        """[presence, frequency, repetition], each [num_rows] with the neutral value for
-        rows without penalties."""
-        values: list[np.ndarray] = []
-        for given, neutral in ((self.presence, 0.0), (self.frequency, 0.0),
-                               (self.repetition, 1.0)):  # fmt: skip
-            row_values = np.full(num_rows, neutral, np.float32)
-            row_values[self.rows] = given
-            values.append(row_values)
-        return values
+    def float_arrays(self, num_rows: int) -> dict[str, np.ndarray]:
+        """Presence, frequency and repetition of every sampled row (the neutral 0, 0, 1 for
+        rows without penalties)."""
+        arrays = {}
+        for name, given, neutral in (("presence", self.presence, 0.0),
+                                     ("frequency", self.frequency, 0.0),
+                                     ("repetition", self.repetition, 1.0)):  # fmt: skip
+            arrays[name] = np.full(num_rows, neutral, np.float32)
+            arrays[name][self.rows] = given
+        return arrays
 
 
 class PreparedStep(NamedTuple):
@@ -271,16 +271,19 @@ def prepare_step(
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    float_rows: list[Sequence[float] | np.ndarray] = [batch.temperatures, batch.top_ps, batch.min_ps]
+    floats = {
+        "temperatures": np.array(batch.temperatures, np.float32),
+        "top_p": np.array(batch.top_ps, np.float32),
+        "min_p": np.array(batch.min_ps, np.float32),
+    }
     penalised = bool(batch.penalties.rows)
     if penalised:  # steps without penalties build and copy nothing for them
         ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
-        float_rows.extend(batch.penalties.float_rows(len(batch.seeds)))
-    floats = np.array(float_rows, np.float32)
+        floats.update(_prefixed("penalty_", batch.penalties.float_arrays(len(batch.seeds))))
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _unpack(to_device(_pack(ints)), ints)
     views32 = _unpack(to_device(_pack(int32s)), int32s)
-    f32 = to_device(floats.reshape(len(float_rows), -1))
+    views_f32 = _unpack(to_device(_pack(floats)), floats)
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
@@ -300,7 +303,7 @@ def prepare_step(
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(batch, views, f32, penalised),
+        sampling=_sampling(batch, views | views_f32, penalised),
     )
 
 
@@ -366,15 +369,13 @@ def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return {prefix + name: array for name, array in arrays.items()}
 
 
-def _sampling(
-    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor, penalised: bool
-) -> SamplingTensors:
+def _sampling(batch: StepBatch, views: dict[str, torch.Tensor], penalised: bool) -> SamplingTensors:
     penalties = None
     if penalised:
         penalties = PenaltyTensors(
-            presence=floats[3],
-            frequency=floats[4],
-            repetition=floats[5],
+            presence=views["penalty_presence"],
+            frequency=views["penalty_frequency"],
+            repetition=views["penalty_repetition"],
             output_rows=views["penalty_output_rows"],
             output_tokens=views["penalty_output_tokens"],
             prompt_rows=views["penalty_prompt_rows"],
@@ -383,10 +384,10 @@ def _sampling(
             pending_src=views["penalty_pending_src"],
         )
     return SamplingTensors(
-        temperatures=floats[0],
+        temperatures=views["temperatures"],
         top_k=views["top_k"],
-        top_p=floats[1],
-        min_p=floats[2],
+        top_p=views["top_p"],
+        min_p=views["min_p"],
         seeds=views["seeds"],
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
