@@ -235,8 +235,8 @@ class EngineCore:
                 sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
                 if req.params.has_penalties:
                     sample = sample._replace(
-                        output_token_ids=req.output_token_ids,
-                        prompt_token_ids=req.distinct_prompt_ids,
+                        output_token_ids=req.output_array(),
+                        prompt_token_ids=req.distinct_prompt_array(),
                     )
                 req.sample_row, req.sample_step, row = row, step.step_id, row + 1
             batch.add(tokens, start, req.block_ids, pending_row, sample)

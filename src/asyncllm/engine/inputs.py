@@ -34,10 +34,10 @@ class SampleSpec(NamedTuple):
     """Index of the token being drawn among the request's outputs (keys the random stream)."""
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be drawn now (EOS and stop ids while under min_tokens)."""
-    output_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] | np.ndarray = ()
     """With penalties: the tokens generated so far that the host knows (a token still
     pending on the device is added from there)."""
-    prompt_token_ids: Sequence[int] = ()
+    prompt_token_ids: Sequence[int] | np.ndarray = ()
     """With a repetition penalty: the prompt's token ids (each distinct id once suffices)."""
 
 
@@ -138,9 +138,10 @@ class _PenaltyLists:
         self.presence: list[float] = []
         self.frequency: list[float] = []
         self.repetition: list[float] = []
-        self.output_tokens: list[int] = []
+        self.output_tokens: list[np.ndarray] = []
         self.output_lens: list[int] = []
-        self.prompt_tokens: list[int] = []
+        self.num_output_tokens = 0
+        self.prompt_tokens: list[np.ndarray] = []
         self.prompt_lens: list[int] = []
         self.pending_index: list[int] = []
         self.pending_src: list[int] = []
@@ -151,25 +152,27 @@ class _PenaltyLists:
         self.presence.append(p.presence_penalty)
         self.frequency.append(p.frequency_penalty)
         self.repetition.append(p.repetition_penalty)
-        self.output_tokens.extend(sample.output_token_ids)
+        outputs = np.asarray(sample.output_token_ids, np.int64)
         if pending_row is not None:
             # The sequence's newest output is this step's pending input: the runner copies
             # it here on the device, as it does for the input ids.
-            self.pending_index.append(len(self.output_tokens))
+            self.pending_index.append(self.num_output_tokens + len(outputs))
             self.pending_src.append(pending_row)
-            self.output_tokens.append(0)
-        self.output_lens.append(len(sample.output_token_ids) + (pending_row is not None))
+            outputs = np.append(outputs, 0)
+        self.output_tokens.append(outputs)
+        self.output_lens.append(len(outputs))
+        self.num_output_tokens += len(outputs)
         prompt = sample.prompt_token_ids if p.repetition_penalty != 1.0 else ()
-        self.prompt_tokens.extend(prompt)
+        self.prompt_tokens.append(np.asarray(prompt, np.int64))
         self.prompt_lens.append(len(prompt))
 
     def int_arrays(self) -> dict[str, np.ndarray]:
         rows = np.array(self.rows, np.int64)
         return {
             "output_rows": np.repeat(rows, self.output_lens),
-            "output_tokens": np.array(self.output_tokens, np.int64),
+            "output_tokens": np.concatenate(self.output_tokens),
             "prompt_rows": np.repeat(rows, self.prompt_lens),
-            "prompt_tokens": np.array(self.prompt_tokens, np.int64),
+            "prompt_tokens": np.concatenate(self.prompt_tokens),
             "pending_index": np.array(self.pending_index, np.int64),
             "pending_src": np.array(self.pending_src, np.int64),
         }

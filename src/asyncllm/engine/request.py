@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from asyncllm.outputs import (
     CompletionChoice,
     FinishReason,
@@ -92,7 +94,8 @@ class Request:
     """Decoded text not streamed yet: it could still be the start of a stop string."""
     _stop_ids: frozenset[int] = frozenset()
     _banned: tuple[int, ...] = ()
-    _distinct_prompt_ids: tuple[int, ...] | None = None
+    _distinct_prompt_ids: np.ndarray | None = None
+    _output_array: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -131,12 +134,22 @@ class Request:
     def all_choices_finished(self) -> bool:
         return self.is_finished and all(s.is_finished for s in self.siblings)
 
-    @property
-    def distinct_prompt_ids(self) -> tuple[int, ...]:
+    def distinct_prompt_array(self) -> np.ndarray:
         """The prompt's distinct token ids (what a repetition penalty needs), memoised."""
         if self._distinct_prompt_ids is None:
-            self._distinct_prompt_ids = tuple(set(self.prompt_token_ids))
+            self._distinct_prompt_ids = np.unique(np.array(self.prompt_token_ids, np.int64))
         return self._distinct_prompt_ids
+
+    def output_array(self) -> np.ndarray:
+        """The generated tokens as int64, extended by the new ones on each call: penalties
+        read them every step, and converting the whole list each time would cost O(length)
+        in Python."""
+        known = self._output_array if self._output_array is not None else np.empty(0, np.int64)
+        if len(known) < self.num_output_tokens:
+            new = self.token_ids[self.num_prompt_tokens + len(known) :]
+            known = np.concatenate([known, np.array(new, np.int64)])
+        self._output_array = known
+        return known
 
     @property
     def output_token_ids(self) -> list[int]:
