@@ -321,11 +321,9 @@ class EngineCore:
         e.g. a request that ends with its first token leaves its prompt to later ones."""
         if req.status is RequestStatus.RELEASED:
             return
-        if req.status is RequestStatus.HELD:
-            pass  # never queued, holds no blocks
-        else:
-            if computed and req.status is RequestStatus.RUNNING:
-                self.blocks.register_full_blocks(req)
+        if computed and req.status is RequestStatus.RUNNING:
+            self.blocks.register_full_blocks(req)
+        if req.status is not RequestStatus.HELD:  # a held choice was never queued
             self.scheduler.remove(req)
         req.status = RequestStatus.RELEASED
         self.num_finished += 1
