@@ -1,7 +1,7 @@
 """The exception hierarchy: every error asyncllm raises on purpose derives from `AsyncLLMError`.
 
     AsyncLLMError
-    ├── ConfigError                 an invalid EngineConfig or override
+    ├── ConfigError                 an invalid EngineConfig or override, or memory it cannot get
     ├── InvalidRequestError         a bad prompt or SamplingParams (also a ValueError)
     │   └── PromptTooLongError      a request that can never fit the model or the KV pool
     ├── ModelLoadError              missing, unreadable or malformed model files
@@ -47,7 +47,9 @@ class AsyncLLMError(Exception):
 
 
 class ConfigError(AsyncLLMError, ValueError):
-    """An `EngineConfig` field (or a `from_pretrained` override) is invalid or unknown."""
+    """An `EngineConfig` field (or a `from_pretrained` override) is invalid or unknown, or
+    asks for what this machine cannot give: a missing device, a KV pool or model table that
+    cannot fit in memory (the message names the bytes and the setting to change)."""
 
 
 class InvalidRequestError(AsyncLLMError, ValueError):

@@ -5,9 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
-from asyncllm.errors import ModelLoadError
+from asyncllm.errors import InvalidRequestError, ModelLoadError
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer"]
+__all__ = ["IncrementalDetokenizer", "Tokenizer", "require_unicode"]
+
+
+def require_unicode(text: str, source: str) -> None:
+    """Raise `InvalidRequestError` naming `source` and the position when `text` holds a lone
+    surrogate: Python strings may, but UTF-8 (and so every tokenizer) cannot encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        raise InvalidRequestError(
+            f"{source} is not valid Unicode: lone surrogate {bad!r} at index {exc.start}"
+        ) from None
 
 
 class Tokenizer:
@@ -27,8 +39,13 @@ class Tokenizer:
             raise ModelLoadError(f"{model_dir}: a fast tokenizer (tokenizer.json) is required")
         self._backend: Any = self._hf.backend_tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with the special tokens the model expects (e.g. BOS)."""
+    def encode(self, text: str, source: str = "prompt") -> list[int]:
+        """Token ids of `text`, with the special tokens the model expects (e.g. BOS).
+
+        Raises `InvalidRequestError` naming `source` when `text` is not valid Unicode (a lone
+        surrogate, e.g. from a JSON "\\ud800" escape), which no tokenizer can encode.
+        """
+        require_unicode(text, source)
         return cast(list[int], self._hf.encode(text))
 
     def decode(self, token_ids: list[int]) -> str:
@@ -38,6 +55,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, formatted by the model's chat template."""
+        for index, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    require_unicode(value, f"message {index} {key!r}")
         ids = self._hf.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )

@@ -192,6 +192,11 @@ class EngineCore:
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
+        if params.min_tokens > room:
+            raise PromptTooLongError(
+                f"prompt ({prompt_len} tokens) + min_tokens ({params.min_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
         max_tokens = params.max_tokens or room
         needed = self.blocks.blocks_needed(prompt_len + max_tokens)
         if needed > self.blocks.num_blocks:
@@ -370,12 +375,13 @@ class EngineCore:
 
 
 def choice_seed(seed: int, choice: int) -> int:
-    """The seed of choice `choice` of a request seeded `seed`: choice 0 keeps the request's
-    seed (so n=1 is unchanged), the others hash (seed, choice) into a 63-bit seed."""
+    """The seed of choice `choice` of a request seeded `seed` (both in [0, 2**64)): choice 0
+    keeps the request's seed (so n=1 is unchanged), the others hash (seed, choice)."""
     if choice == 0:
         return seed
-    data = (seed & (2**64 - 1)).to_bytes(8, "little") + choice.to_bytes(8, "little")
-    return xxhash.xxh3_64_intdigest(data) >> 1
+    data = seed.to_bytes(8, "little") + choice.to_bytes(8, "little")
+    digest: int = xxhash.xxh3_64_intdigest(data)
+    return digest
 
 
 def _check_params(params: object) -> SamplingParams:

@@ -25,11 +25,16 @@ from asyncllm.sampling import SamplingParams
 __all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
 
 
+_INT64_LIMIT = 2**63
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class SampleSpec(NamedTuple):
     """How to draw the next token of a sequence this step."""
 
     params: SamplingParams
     seed: int
+    """In [0, 2**64) (as `SamplingParams.seed`); it reaches the sampler as int64 bits."""
     offset: int
     """Index of the token being drawn among the request's outputs (keys the random stream)."""
     banned_token_ids: tuple[int, ...] = ()
@@ -116,14 +121,19 @@ class StepBatch:
         p = sample.params
         row = len(self.seeds)
         self.sampled_seqs.append(len(self.q_lens) - 1)
-        self.temperatures.append(p.temperature)
+        # Values as the float32/int64 tensors can hold them: tiny temperatures are greedy (0),
+        # huge ones are capped below float32's overflow (still uniform in effect), and seeds
+        # of 2**63 or more wrap to the negative int64 with the same 64 bits.
+        greedy = p.is_greedy
+        self.temperatures.append(0.0 if greedy else min(p.temperature, _FLOAT32_MAX))
         self.top_ps.append(p.top_p)
         self.min_ps.append(p.min_p)
         self.top_ks.append(p.top_k)
-        self.seeds.append(sample.seed)
+        seed = sample.seed
+        self.seeds.append(seed if seed < _INT64_LIMIT else seed - 2 * _INT64_LIMIT)
         self.offsets.append(sample.offset)
         self.banned.extend((row, t) for t in sample.banned_token_ids)
-        self.all_greedy = self.all_greedy and p.temperature == 0.0
+        self.all_greedy = self.all_greedy and greedy
         self.any_top_k_top_p = self.any_top_k_top_p or p.top_k > 0 or p.top_p < 1.0
         self.any_min_p = self.any_min_p or p.min_p > 0.0
         if p.logprobs is not None:

@@ -172,6 +172,7 @@ class Request:
         self.token_ids.append(token_id)
         self.token_times.append(now)
         generated = len(self.token_ids) - len(self.prompt_token_ids)
+        held = len(self._held)
         text = self._held + (self.detokenizer.push(token_id) if self.detokenizer else "")
         self._held = ""
         reason: FinishReason | None = None
@@ -180,7 +181,7 @@ class Request:
         if generated >= self.params.min_tokens:
             if token_id in self._stop_ids:
                 reason = "stop"
-            elif stop and (cut := _find_stop(text, stop)) is not None:
+            elif stop and (cut := _find_stop(text, stop, held)) is not None:
                 text, reason = text[:cut], "stop"
         if reason is None and generated >= self.max_tokens:
             reason = "length"
@@ -277,7 +278,13 @@ class Request:
         )
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    found = [i for s in stops if (i := text.find(s)) >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
+    """Start of the earliest stop string in `text` that ends after `text[:new_from]`, or None.
+
+    Only matches that end in the new text count: one that ends in the held-back text was
+    either seen by an earlier call already or was produced under min_tokens, where it does not
+    count (how much text is held back depends on the longest stop string, so counting such a
+    match would make one stop string's fate depend on the others).
+    """
+    found = [i for s in stops if (i := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
     return min(found) if found else None

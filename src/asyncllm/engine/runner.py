@@ -27,10 +27,12 @@ from asyncllm.engine.inputs import (
     StepBatch,
     prepare_step,
 )
+from asyncllm.engine.memory import allocation_errors, require_fits
 from asyncllm.errors import ConfigError
 from asyncllm.kernels import create_attention_backend
 from asyncllm.layers.attention import PagedAttention
 from asyncllm.layers.sampler import Sampler, SamplerOutput
+from asyncllm.model.base import CausalLM
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.loader import load_model
 from asyncllm.outputs import TokenLogprobs
@@ -85,7 +87,7 @@ class ModelRunner:
         self._host_tokens = [_pinned_tokens(config.max_num_seqs) for _ in range(6)] if cuda else []
         self._next_host = 0
         with self.on_stream():
-            self.model = load_model(model_dir, model_config, self.device, self.dtype)
+            self.model = self._load_model(model_dir)
             self.attn_backend = create_attention_backend(
                 config.attention_backend,
                 self.device,
@@ -100,6 +102,19 @@ class ModelRunner:
             self.graphs = self._capture_graphs()
             if cuda:
                 self._warm_up()
+
+    def _load_model(self, model_dir: Path) -> CausalLM:
+        """The model's weights on the device; `ConfigError` (not a raw allocator error) when
+        they, or the rotary tables that max_position_embeddings sizes, cannot fit."""
+        cfg = self.model_config
+        rotary = (
+            f"the rotary tables ({cfg.rotary_table_bytes} bytes for max_position_embeddings="
+            f"{cfg.max_position_embeddings} in config.json)"
+        )
+        fix = "use a model with a smaller max_position_embeddings, or a device with more memory"
+        require_fits(cfg.rotary_table_bytes, self.device, rotary, fix)
+        with allocation_errors(self.device, f"the model's weights and {rotary}", fix):
+            return load_model(model_dir, cfg, self.device, self.dtype)
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs of decode steps, unless on CPU, disabled, or the backend can't."""
@@ -140,18 +155,38 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> int:
         num_blocks = self.config.num_kv_blocks or self._blocks_that_fit()
-        self._bind_kv_cache(num_blocks)
+        nbytes = num_blocks * self.kv_block_bytes
+        field = self._kv_pool_setting()
+        what = f"the KV pool ({num_blocks} blocks of {self.block_size} tokens, {nbytes} bytes)"
+        remedy = f"lower {field}"
+        require_fits(nbytes, self.device, what, remedy)
+        with allocation_errors(self.device, what, remedy):
+            self._bind_kv_cache(num_blocks)
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB)",
             num_blocks, self.block_size, num_blocks * self.kv_block_bytes / 2**20,
         )  # fmt: skip
         return num_blocks
 
+    def _kv_pool_setting(self) -> str:
+        """The EngineConfig field that sized the KV pool (the one to change if it fails)."""
+        if self.config.num_kv_blocks is not None:
+            return "num_kv_blocks"
+        if self.config.kv_cache_bytes is not None or self.device.type != "cuda":
+            return "kv_cache_bytes"
+        return "gpu_memory_utilization"
+
     def _blocks_that_fit(self) -> int:
         if self.config.kv_cache_bytes is not None:
             budget = self.config.kv_cache_bytes
         elif self.device.type == "cuda":
-            activations = self._profile_activation_bytes()
+            tokens = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+            with allocation_errors(
+                self.device,
+                f"the activations of a step of {tokens} tokens",
+                "lower max_num_batched_tokens or max_num_seqs",
+            ):
+                activations = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
             # What torch holds in its cache but does not use is ours to take.
             used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm.sampling import GREEDY_TEMPERATURE
+
 if TYPE_CHECKING:
     from asyncllm.layers.sampler import PenaltyTensors
 
@@ -46,7 +48,7 @@ def _penalise(logit, row, index, inside, vocab, counts_ptr, prompt_ptr, presence
 
 @triton.jit
 def _gumbel_argmax_kernel(
-    logits_ptr, stride, temps_ptr, seeds_ptr, offsets_ptr, out_ptr, vocab,
+    logits_ptr, stride, temps_ptr, seeds_ptr, offsets_ptr, out_ptr, vocab, greedy_below,
     counts_ptr, prompt_ptr, presence_ptr, frequency_ptr, repetition_ptr,
     PENALISE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -54,11 +56,15 @@ def _gumbel_argmax_kernel(
     seed = tl.load(seeds_ptr + row)
     offset = tl.load(offsets_ptr + row)
     temp = tl.load(temps_ptr + row)
-    greedy = temp == 0.0  # argmax of the raw logits: no noise, no scaling
+    # Argmax of the raw logits, no noise, no scaling: temperature 0, and temperatures so small
+    # that logit / temperature would overflow float32.
+    greedy = temp < greedy_below
     temp = tl.where(greedy, 1.0, temp)
-    key = _mix32(((seed ^ (seed >> 32)) & 0xFFFFFFFF).to(tl.uint32))
+    low = _mix32((seed & 0xFFFFFFFF).to(tl.uint32))
+    high = _mix32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
     salt = _mix32(((offset * 0x9E3779B1 + 0x632BE5AB) & 0xFFFFFFFF).to(tl.uint32))
-    key = _mix32(key ^ salt)
+    key = _mix32(low ^ salt)
+    high_key = key ^ high
     if PENALISE:
         presence = tl.load(presence_ptr + row)
         frequency = tl.load(frequency_ptr + row)
@@ -73,7 +79,7 @@ def _gumbel_argmax_kernel(
         if PENALISE:
             logit = _penalise(logit, row, index, inside, vocab, counts_ptr, prompt_ptr,
                               presence, frequency, repetition)  # fmt: skip
-        bits = _mix32(_mix32(key ^ (index.to(tl.uint32) * 0x85EBCA77)) ^ key)
+        bits = _mix32(_mix32(key ^ (index.to(tl.uint32) * 0x85EBCA77)) ^ high_key)
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         score = logit / temp - tl.where(greedy, 0.0, tl.log(-tl.log(u)))
         better = score > best  # strict: the first index wins a tie, as torch.argmax
@@ -92,7 +98,8 @@ def gumbel_argmax(
     penalties: PenaltyTensors | None = None,
 ) -> torch.Tensor:
     """One draw per row from softmax(penalised logits / temperature), keyed by (seed,
-    offset); rows with temperature 0 get the exact argmax of their penalised logits."""
+    offset); rows with temperature 0 (or below `GREEDY_TEMPERATURE`) get the exact argmax of
+    their penalised logits."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if not rows:
@@ -105,7 +112,7 @@ def gumbel_argmax(
         prompt = in_prompt.view(torch.uint8)
         presence, frequency, repetition = penalties[:3]
     _gumbel_argmax_kernel[(rows,)](
-        logits, logits.stride(0), temperatures, seeds, offsets, out, vocab,
+        logits, logits.stride(0), temperatures, seeds, offsets, out, vocab, GREEDY_TEMPERATURE,
         counts, prompt, presence, frequency, repetition,
         PENALISE=penalties is not None, BLOCK=2048, num_warps=8,
     )  # fmt: skip

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from asyncllm.sampling import GREEDY_TEMPERATURE
+
 __all__ = [
     "PenaltyTensors",
     "Sampler",
@@ -59,11 +61,11 @@ class PenaltyTensors(NamedTuple):
 class SamplingTensors(NamedTuple):
     """Per-row sampling parameters on the logits' device (one row per sampled sequence)."""
 
-    temperatures: torch.Tensor  # [S] float32; 0 = greedy
+    temperatures: torch.Tensor  # [S] float32; below GREEDY_TEMPERATURE (e.g. 0) = greedy
     top_k: torch.Tensor  # [S] int64; 0 = off
     top_p: torch.Tensor  # [S] float32; 1 = off
     min_p: torch.Tensor  # [S] float32; 0 = off
-    seeds: torch.Tensor  # [S] int64
+    seeds: torch.Tensor  # [S] int64 holding the 64 bits of a seed in [0, 2**64)
     offsets: torch.Tensor  # [S] int64: index of the output token being drawn
     banned_rows: torch.Tensor  # [N] int64: (row, token) pairs masked out (min_tokens)
     banned_tokens: torch.Tensor  # [N] int64
@@ -87,10 +89,11 @@ class Sampler(nn.Module):
     """Turns logits [S, V] into one token per row under per-row `SamplingTensors`."""
 
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
+        model_logits = logits  # logprobs report the model's distribution, before any ban
+        # or penalty
         if params.banned_rows.numel():
             logits = logits.clone()  # the logits may be a CUDA graph's output buffer
             logits[params.banned_rows, params.banned_tokens] = float("-inf")
-        unpenalised = logits
         if logits.is_cuda and not (params.any_top_k_top_p or params.any_min_p):
             # One fused pass over the logits serves greedy and temperature rows alike (and
             # applies the penalties on the fly).
@@ -107,13 +110,15 @@ class Sampler(nn.Module):
             if params.all_greedy:
                 tokens = greedy
             else:
-                tokens = torch.where(params.temperatures == 0, greedy, _sample(logits, params))
+                is_greedy = params.temperatures < GREEDY_TEMPERATURE
+                tokens = torch.where(is_greedy, greedy, _sample(logits, params))
         if params.num_logprobs < 0:
             return SamplerOutput(tokens, None, None, None)
-        # Logprobs of the model's own distribution (before penalties, temperature and
-        # filters), as in vLLM.
-        logp = torch.log_softmax(unpenalised.float(), dim=-1)
-        top_logprobs, top_ids = logp.topk(params.num_logprobs, dim=-1)
+        # Logprobs of the model's own distribution (before penalties, temperature, filters
+        # and the min_tokens bans), as in vLLM: a banned EOS must not inflate every other token's.
+        logp = torch.log_softmax(model_logits.float(), dim=-1)
+        # A vocabulary smaller than the top-n asked for gives all of it, not a topk error.
+        top_logprobs, top_ids = logp.topk(min(params.num_logprobs, logp.shape[-1]), dim=-1)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
 
@@ -137,7 +142,9 @@ def apply_penalties(logits: torch.Tensor, penalties: PenaltyTensors) -> torch.Te
 
 
 def _sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    temperatures = torch.where(params.temperatures == 0, 1.0, params.temperatures)
+    # Greedy rows (temperature below GREEDY_TEMPERATURE) are replaced by their argmax; dividing
+    # by 1 keeps their scores finite meanwhile.
+    temperatures = torch.where(params.temperatures < GREEDY_TEMPERATURE, 1.0, params.temperatures)
     scores = logits / temperatures[:, None]
     if params.any_top_k_top_p:
         scores = _top_k_top_p(scores, params.top_k, params.top_p)
@@ -158,8 +165,11 @@ def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     sorted_scores = sorted_scores.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
     probs = sorted_scores.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    # Keep a token while the mass before it is under top_p; the first token is always kept.
-    sorted_scores = sorted_scores.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    # Keep a token while the mass before it is under top_p. The first token is always kept
+    # (a top_p of 1e-50 is 0 in float32, and mass 0 >= 0 would drop every token), and a row
+    # with top_p 1 keeps all (a float32 cumsum can round past 1.0 in the tail).
+    drop = (mass_before >= top_p[:, None]) & (rank[None, :] > 0) & (top_p[:, None] < 1.0)
+    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.empty_like(scores).scatter_(1, order, sorted_scores)
 
 
@@ -173,12 +183,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seeds: torch.Tensor, offsets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[S, V] float32 uniforms in (0, 1), a pure function of (seed, offset, token id).
 
+    Both 32-bit halves of a 64-bit seed key the stream: the low half as it always did, the
+    high half through a second key (0 when the high half is 0, so seeds below 2**32 keep their
+    streams), so no two seeds share a stream (seed 0 and 2**32 + 1 used to).
     23 bits of the hash: the largest value, 1 - 2**-24, is still below 1 in float32, so the
     Gumbel transform never sees log(1) = 0.
     """
     seeds = seeds.long()
-    key = _mix32((seeds ^ (seeds >> 32)) & _MASK32)
-    key = _mix32(key ^ _mix32((offsets.long() * 0x9E3779B1 + 0x632BE5AB) & _MASK32))
+    # `>>` on int64 is arithmetic, but the mask keeps exactly the high 32 bits either way.
+    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
+    key = _mix32(_mix32(low) ^ _mix32((offsets.long() * 0x9E3779B1 + 0x632BE5AB) & _MASK32))
+    high_key = (key ^ _mix32(high))[:, None]
     tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(_mix32((key[:, None] ^ (tokens[None, :] * 0x85EBCA77)) & _MASK32) ^ key[:, None])
+    bits = _mix32(_mix32((key[:, None] ^ (tokens[None, :] * 0x85EBCA77)) & _MASK32) ^ high_key)
     return ((bits >> 9).float() + 0.5) * 2.0**-23
