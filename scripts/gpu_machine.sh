@@ -9,12 +9,16 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux_2_28_x86_64 -d .whl nox pytest-asyncio argcomplete colorlog \
 #     dependency-groups virtualenv distlib platformdirs humanize python-discovery packaging filelock
+# A flash-attn wheel put in .whl/ too (../shared/wheels) is installed with them, so the GPU
+# suite runs tests/gpu/test_flash_attn.py; without it those tests skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/asyncllm-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/asyncllm-site .whl/*.whl
 export PYTHONPATH=/tmp/asyncllm-site PYTHONUNBUFFERED=1
+python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__, 'installed')" 2>/dev/null \
+  || echo "flash_attn not installed: its tests will skip"
 status=0
 for what in "$@"; do
   case "$what" in

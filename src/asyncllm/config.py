@@ -22,7 +22,10 @@ from asyncllm.validation import (
     show_bound,
 )
 
-__all__ = ["EngineConfig"]
+__all__ = ["ATTENTION_BACKEND_NAMES", "EngineConfig"]
+
+ATTENTION_BACKEND_NAMES = ("auto", "torch", "triton", "flash_attn")
+"""Valid `EngineConfig.attention_backend` values ("auto" plus `asyncllm.kernels`' registry)."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -72,7 +75,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse KV blocks of earlier requests that share a prompt prefix."""
     attention_backend: str = "auto"
-    """"auto", "torch", "triton" or "flash_attn"."""
+    """"auto" (the fastest measured for the block size and head size that can run here; the
+    choice and its reason are logged), "triton", "flash_attn" (CUDA, fp16/bf16, block_size a
+    multiple of 256, a head size the installed flash-attn compiled) or "torch" (the
+    reference). A named backend that cannot serve the model raises `ConfigError` at start-up."""
     enforce_eager: bool = False
     """Disable CUDA graphs (they are never used on CPU)."""
     overlap_scheduling: bool | None = None
@@ -101,8 +107,11 @@ class EngineConfig:
             _require_bool(name, getattr(self, name))
         if self.overlap_scheduling is not None:
             _require_bool("overlap_scheduling", self.overlap_scheduling)
-        if not isinstance(self.attention_backend, str):
-            raise ConfigError(f"attention_backend must be a string, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKEND_NAMES:
+            raise ConfigError(
+                f"attention_backend must be one of {list(ATTENTION_BACKEND_NAMES)}, "
+                f"got {self.attention_backend!r}"
+            )
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Every running decode must fit one step, or one could skip a step (and a token
             # drawn on the device would lose track of the step that drew it).

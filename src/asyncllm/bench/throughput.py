@@ -29,6 +29,7 @@ import torch
 
 from asyncllm.bench.loop_lag import LagMonitor
 from asyncllm.bench.model import write_random_qwen3
+from asyncllm.config import ATTENTION_BACKEND_NAMES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
 
@@ -79,7 +80,10 @@ async def _streams(engine: AsyncEngine, prompts: list[list[int]], params: list[S
 
 async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int],
                     args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    overrides: dict[str, Any] = {"enforce_eager": args.enforce_eager}
+    overrides: dict[str, Any] = {
+        "enforce_eager": args.enforce_eager,
+        "attention_backend": args.attention_backend,
+    }
     if args.block_size:
         overrides["block_size"] = args.block_size
     engine = AsyncEngine.from_pretrained(str(model_dir), **overrides)
@@ -210,6 +214,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--block-size", type=int, default=0)
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default=None, help="also write the results as JSON here")

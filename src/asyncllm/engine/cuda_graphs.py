@@ -4,7 +4,8 @@ A decode step of B sequences launches hundreds of small kernels; replaying a cap
 turns that into one launch. Graphs are captured once per padded batch size, reading their
 inputs from static buffers that a replay first fills; the forward context they were captured
 with holds views of those same buffers. Padding rows write nowhere (slot -1) and attend to
-nothing (length 0).
+nothing (length 0): every backend that captures must return finite rows for them (the
+Triton and flash-attn backends return zeros; tests/gpu checks both).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class DecodeGraphs:
                     self.logits[size] = model.compute_logits(model(self.input_ids[:size]))
             self.graphs[size] = graph
             pool = graph.pool()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
+        logger.info("captured %d decode CUDA graphs (%s attention, batch sizes %s)",
+                    len(self.sizes), self.backend.name, self.sizes)  # fmt: skip
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The smallest captured size that holds `num_seqs` rows (None if none does)."""
