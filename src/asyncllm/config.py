@@ -86,6 +86,9 @@ class EngineConfig:
     seed: int = 0
     """Seed of the engine's sampling, in [0, 2**64); requests without their own seed draw one
     from it."""
+    max_waiting_requests: int | None = None
+    """Most sequences waiting for admission; a submission finding the queue full raises
+    `EngineOverloadedError` (counted in `EngineStats.num_rejected_overloaded`). None: no limit."""
 
     def __post_init__(self) -> None:
         # Values that name the same thing in another spelling (a Path, torch.device("cpu"),
@@ -95,7 +98,7 @@ class EngineConfig:
         self._normalise("dtype", _dtype_name)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             self._normalise(name, _bounded_int(name, MAX_INT32))
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks", "max_waiting_requests"):
             self._normalise(name, _optional(_bounded_int(name, MAX_INT32)))
         self._normalise("kv_cache_bytes", _optional(_bounded_int("kv_cache_bytes", MAX_INT64)))
         self._normalise("seed", _bounded_int("seed", MAX_SEED, minimum=0))

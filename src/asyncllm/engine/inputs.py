@@ -4,6 +4,7 @@ A `StepBatch` collects one step in flat Python lists (one `add` per sequence, de
 then `prepare_step` turns it into numpy arrays in a handful of vectorised operations and
 moves them in one non-blocking copy per dtype (through pinned memory on CUDA), so building
 step N+1 never waits for step N. This runs every step for every sequence: it is kept lean.
+Penalties add their per-row values and token lists only to steps where some row has one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from asyncllm.context import ForwardContext
 from asyncllm.kernels.base import AttentionBackend
-from asyncllm.layers.sampler import SamplingTensors
+from asyncllm.layers.sampler import PenaltyTensors, SamplingTensors
 from asyncllm.sampling import SamplingParams
 
 __all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
@@ -38,6 +39,11 @@ class SampleSpec(NamedTuple):
     """Index of the token being drawn among the request's outputs (keys the random stream)."""
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be drawn now (EOS and stop ids while under min_tokens)."""
+    output_token_ids: Sequence[int] | np.ndarray = ()
+    """With penalties: the tokens generated so far that the host knows (a token still
+    pending on the device is added from there)."""
+    prompt_token_ids: Sequence[int] | np.ndarray = ()
+    """With a repetition penalty: the prompt's token ids (each distinct id once suffices)."""
 
 
 class SeqStep(NamedTuple):
@@ -78,6 +84,7 @@ class StepBatch:
         self.any_top_k_top_p = False
         self.any_min_p = False
         self.num_logprobs = -1
+        self.penalties = _PenaltyLists()
 
     @classmethod
     def from_steps(cls, steps: Sequence[SeqStep]) -> StepBatch:
@@ -106,6 +113,8 @@ class StepBatch:
         self.starts.append(start)
         self.tables.append(block_table)
         if sample is not None:
+            if sample.params.has_penalties:
+                self.penalties.add(len(self.seeds), sample, pending_row)
             self._add_sample(sample)
 
     def _add_sample(self, sample: SampleSpec) -> None:
@@ -129,6 +138,65 @@ class StepBatch:
         self.any_min_p = self.any_min_p or p.min_p > 0.0
         if p.logprobs is not None:
             self.num_logprobs = max(self.num_logprobs, p.logprobs)
+
+
+class _PenaltyLists:
+    """The penalised rows of a step: their values and the tokens each has seen."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.presence: list[float] = []
+        self.frequency: list[float] = []
+        self.repetition: list[float] = []
+        self.output_tokens: list[np.ndarray] = []
+        self.output_lens: list[int] = []
+        self.num_output_tokens = 0
+        self.prompt_tokens: list[np.ndarray] = []
+        self.prompt_lens: list[int] = []
+        self.pending_index: list[int] = []
+        self.pending_src: list[int] = []
+
+    def add(self, row: int, sample: SampleSpec, pending_row: int | None) -> None:
+        p = sample.params
+        self.rows.append(row)
+        self.presence.append(p.presence_penalty)
+        self.frequency.append(p.frequency_penalty)
+        self.repetition.append(p.repetition_penalty)
+        outputs = np.asarray(sample.output_token_ids, np.int64)
+        if pending_row is not None:
+            # The sequence's newest output is this step's pending input: the runner copies
+            # it here on the device, as it does for the input ids.
+            self.pending_index.append(self.num_output_tokens + len(outputs))
+            self.pending_src.append(pending_row)
+            outputs = np.append(outputs, 0)
+        self.output_tokens.append(outputs)
+        self.output_lens.append(len(outputs))
+        self.num_output_tokens += len(outputs)
+        prompt = sample.prompt_token_ids if p.repetition_penalty != 1.0 else ()
+        self.prompt_tokens.append(np.asarray(prompt, np.int64))
+        self.prompt_lens.append(len(prompt))
+
+    def int_arrays(self) -> dict[str, np.ndarray]:
+        rows = np.array(self.rows, np.int64)
+        return {
+            "output_rows": np.repeat(rows, self.output_lens),
+            "output_tokens": np.concatenate(self.output_tokens),
+            "prompt_rows": np.repeat(rows, self.prompt_lens),
+            "prompt_tokens": np.concatenate(self.prompt_tokens),
+            "pending_index": np.array(self.pending_index, np.int64),
+            "pending_src": np.array(self.pending_src, np.int64),
+        }
+
+    def float_arrays(self, num_rows: int) -> dict[str, np.ndarray]:
+        """Presence, frequency and repetition of every sampled row (the neutral 0, 0, 1 for
+        rows without penalties)."""
+        arrays = {}
+        for name, given, neutral in (("presence", self.presence, 0.0),
+                                     ("frequency", self.frequency, 0.0),
+                                     ("repetition", self.repetition, 1.0)):  # fmt: skip
+            arrays[name] = np.full(num_rows, neutral, np.float32)
+            arrays[name][self.rows] = given
+        return arrays
 
 
 class PreparedStep(NamedTuple):
@@ -216,11 +284,19 @@ def prepare_step(
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    floats = np.array([batch.temperatures, batch.top_ps, batch.min_ps], np.float32)
+    floats = {
+        "temperatures": np.array(batch.temperatures, np.float32),
+        "top_p": np.array(batch.top_ps, np.float32),
+        "min_p": np.array(batch.min_ps, np.float32),
+    }
+    penalised = bool(batch.penalties.rows)
+    if penalised:  # steps without penalties build and copy nothing for them
+        ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
+        floats.update(_prefixed("penalty_", batch.penalties.float_arrays(len(batch.seeds))))
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _unpack(to_device(_pack(ints)), ints)
     views32 = _unpack(to_device(_pack(int32s)), int32s)
-    f32 = to_device(floats.reshape(3, -1))
+    views_f32 = _unpack(to_device(_pack(floats)), floats)
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
@@ -240,7 +316,7 @@ def prepare_step(
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(batch, views, f32),
+        sampling=_sampling(batch, views | views_f32, penalised),
     )
 
 
@@ -302,14 +378,29 @@ def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch
     return views
 
 
-def _sampling(
-    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor
-) -> SamplingTensors:
+def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {prefix + name: array for name, array in arrays.items()}
+
+
+def _sampling(batch: StepBatch, views: dict[str, torch.Tensor], penalised: bool) -> SamplingTensors:
+    penalties = None
+    if penalised:
+        penalties = PenaltyTensors(
+            presence=views["penalty_presence"],
+            frequency=views["penalty_frequency"],
+            repetition=views["penalty_repetition"],
+            output_rows=views["penalty_output_rows"],
+            output_tokens=views["penalty_output_tokens"],
+            prompt_rows=views["penalty_prompt_rows"],
+            prompt_tokens=views["penalty_prompt_tokens"],
+            pending_index=views["penalty_pending_index"],
+            pending_src=views["penalty_pending_src"],
+        )
     return SamplingTensors(
-        temperatures=floats[0],
+        temperatures=views["temperatures"],
         top_k=views["top_k"],
-        top_p=floats[1],
-        min_p=floats[2],
+        top_p=views["top_p"],
+        min_p=views["min_p"],
         seeds=views["seeds"],
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
@@ -318,4 +409,5 @@ def _sampling(
         any_top_k_top_p=batch.any_top_k_top_p,
         any_min_p=batch.any_min_p,
         num_logprobs=batch.num_logprobs,
+        penalties=penalties,
     )
