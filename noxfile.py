@@ -70,7 +70,8 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmarks, in the current interpreter (which needs torch): scheduler overhead
     and event-loop lag everywhere; on CUDA also throughput against transformers and decode
-    attention. JSON results go to .bench/ (record them in docs/benchmarks.md)."""
+    attention; on two GPUs tensor parallelism (TP=1 vs TP=2). JSON results go to .bench/
+    (record them in docs/benchmarks.md)."""
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     session.run(*pip, "-e", ".", external=True)
     out = Path(".bench")
@@ -83,3 +84,6 @@ def bench(session: nox.Session) -> None:
         run("-m", "asyncllm", "bench", "throughput", "--out", str(out / "throughput.json"),
             *session.posargs)  # fmt: skip
         run("benchmarks/attention.py", "--out", str(out / "attention.json"))
+    two_gpus = "import sys, torch; sys.exit(0 if torch.cuda.device_count() >= 2 else 1)"
+    if subprocess.run([sys.executable, "-c", two_gpus], check=False).returncode == 0:
+        run("-m", "asyncllm", "bench", "tp", "--out", str(out / "tp.json"))

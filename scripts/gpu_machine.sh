@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_machine.sh tests        # nox -s gpu_tests
 #   bash scripts/gpu_machine.sh bench        # throughput (vs transformers) + attention
+#   bash scripts/gpu_machine.sh soak         # asyncllm bench soak: 10,000 requests, float32
 #
 # Test tools that machine lacks (nox, pytest-asyncio and their needs) come from wheels in
 # .whl/, fetched beforehand on a machine with network access:
@@ -34,6 +35,10 @@ for what in "$@"; do
         | tee "$OUT/throughput.log" || status=1
       python3 benchmarks/attention.py --out "$OUT/attention.json" 2>&1 \
         | tee "$OUT/attention.log" || status=1 ;;
+    soak)
+      PYTHONPATH=src:$PYTHONPATH python3 -m asyncllm bench soak --device cuda \
+        --dtype float32 --tie-margin 1e-4 --no-progress --out "$OUT/soak.json" 2>&1 \
+        | tee "$OUT/soak.log" || status=1 ;;
     *) echo "unknown step: $what" >&2; status=2 ;;
   esac
 done

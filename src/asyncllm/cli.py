@@ -25,10 +25,17 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="split the model across this many GPUs (under torchrun: one process per rank)",
+    )  # fmt: skip
 
 
 async def _generate(args: argparse.Namespace) -> None:
-    engine = AsyncEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = AsyncEngine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -42,6 +49,16 @@ async def _generate(args: argparse.Namespace) -> None:
             sys.stdout.write(token.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _serves_as_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun, ranks > 0 serve rank 0's steps (and print nothing) until it is done."""
+    from asyncllm.engine.workers import serve_torchrun_worker, torchrun_rank
+
+    if args.tensor_parallel_size == 1 or torchrun_rank() in (None, 0):
+        return False
+    serve_torchrun_worker()  # with rank 0's EngineConfig
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     if args.command == "generate":
+        if _serves_as_torchrun_worker(args):
+            return 0
         asyncio.run(_generate(args))
         return 0
     return int(args.run(args))

@@ -89,6 +89,9 @@ class EngineConfig:
     max_waiting_requests: int | None = None
     """Most sequences waiting for admission; a submission finding the queue full raises
     `EngineOverloadedError` (counted in `EngineStats.num_rejected_overloaded`). None: no limit."""
+    tensor_parallel_size: int = 1
+    """Ranks (GPUs) each layer is split across: rank 0 runs in this process, ranks 1..N-1 in
+    worker processes it spawns (or that `torchrun` started); see README, "Tensor parallelism"."""
 
     def __post_init__(self) -> None:
         # Values that name the same thing in another spelling (a Path, torch.device("cpu"),
@@ -96,7 +99,12 @@ class EngineConfig:
         self._normalise("model", _model_path)
         self._normalise("device", _device_name)
         self._normalise("dtype", _dtype_name)
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "tensor_parallel_size",
+        ):
             self._normalise(name, _bounded_int(name, MAX_INT32))
         for name in ("max_model_len", "num_kv_blocks", "max_waiting_requests"):
             self._normalise(name, _optional(_bounded_int(name, MAX_INT32)))

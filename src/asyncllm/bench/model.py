@@ -1,4 +1,5 @@
-"""Random-weight checkpoints for benchmarks: Qwen3-0.6B's exact shape, no download needed."""
+"""Random-weight checkpoints for benchmarks: Qwen3-0.6B's or Qwen3-8B's exact shape, no
+download needed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["QWEN3_0_6B", "byte_level_tokenizer", "write_random_qwen3"]
+__all__ = ["QWEN3_0_6B", "QWEN3_8B", "SHAPES", "byte_level_tokenizer", "write_random_qwen3"]
 
 QWEN3_0_6B: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -32,6 +33,20 @@ QWEN3_0_6B: dict[str, Any] = {
 }
 
 
+QWEN3_8B: dict[str, Any] = {
+    **QWEN3_0_6B,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+
+SHAPES: dict[str, dict[str, Any]] = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}
+"""Model shapes by name (`--model-shape` of the benchmarks)."""
+
+
 def byte_level_tokenizer(vocab_size: int) -> Any:
     """A fast tokenizer covering ids [0, vocab_size): byte symbols first, then fillers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -47,13 +62,18 @@ def byte_level_tokenizer(vocab_size: int) -> Any:
 
 
 def write_random_qwen3(
-    directory: Path, config: dict[str, Any] = QWEN3_0_6B, seed: int = 0, std: float = 0.02
-) -> Path:
-    """Write config.json, model.safetensors (bf16, transformers' names) and a tokenizer."""
+    directory: Path, config: dict[str, Any] = QWEN3_0_6B, seed: int = 0, std: float = 0.02,
+    device: str = "cpu",
+) -> Path:  # fmt: skip
+    """Write config.json, model.safetensors (bf16, transformers' names) and a tokenizer.
+
+    `device="cuda"` draws the weights there (an 8B model in seconds rather than minutes);
+    the values then differ from a CPU draw with the same seed.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "model.safetensors").is_file():
         return directory
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     tensors = {name: _init(shape, std, generator) for name, shape in _shapes(config).items()}
     save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -67,7 +87,8 @@ def write_random_qwen3(
 def _init(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
     if len(shape) == 1:  # norm weights
         return torch.ones(shape, dtype=torch.bfloat16)
-    return (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
+    drawn = torch.randn(shape, generator=generator, device=generator.device) * std
+    return drawn.to(torch.bfloat16).cpu()
 
 
 def _shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -25,6 +25,7 @@ from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
+from asyncllm.engine.workers import start_runner
 from asyncllm.errors import (
     EngineOverloadedError,
     InvalidRequestError,
@@ -33,6 +34,7 @@ from asyncllm.errors import (
 )
 from asyncllm.model.config import ModelConfig
 from asyncllm.outputs import EngineStats, TokenLogprobs
+from asyncllm.parallel import check_divisible
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
@@ -54,6 +56,12 @@ class EngineCore:
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {self.model_dir} does not exist")
         self.model_config = ModelConfig.from_dir(self.model_dir)
+        cfg = self.model_config
+        check_divisible(
+            config.tensor_parallel_size, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size,
+            intermediate_size=cfg.intermediate_size,
+        )  # fmt: skip
         self.tokenizer = Tokenizer(self.model_dir)
         self._rng = random.Random(config.seed)
         # Automatic request ids: a random prefix per engine and a counter, so they never
@@ -91,7 +99,7 @@ class EngineCore:
     def load(self) -> None:
         """Load the weights, allocate the KV pool, and size `max_model_len` (slow: run it off
         the event loop)."""
-        self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
+        self.runner = start_runner(self.model_dir, self.model_config, self.config)
         self.attention_backend = self.runner.attn_backend.name
         self.max_model_len = self.runner.max_model_len
         self.loaded_at = time.monotonic()
@@ -368,8 +376,9 @@ class EngineCore:
         """Drop the model, KV pool and CUDA graphs (the engine has shut down)."""
         if self.runner is not None:
             self.attention_backend = self.runner.attn_backend.name
-            if self.runner.device.type == "cuda":  # a launched step may still be running
-                torch.cuda.synchronize(self.runner.device)
+            # Stops the other tensor-parallel ranks (if any), waits for launched steps to
+            # finish on the device, and drops the model.
+            self.runner.close()
             self.runner = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the freed memory back to the device

@@ -45,8 +45,12 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
+        collectives: bool = False,
     ) -> None:
         self.model, self.backend, self.stream = model, backend, stream
+        # A tensor-parallel model's graphs hold its NCCL collectives. Capture only this
+        # thread's calls: NCCL's watchdog thread keeps querying events meanwhile.
+        self._capture_mode = "thread_local" if collectives else "global"
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
         device, largest = stream.device, self.sizes[-1]
@@ -86,7 +90,9 @@ class DecodeGraphs:
             with forward_context(ctx):
                 model.compute_logits(model(self.input_ids[:size]))  # warm-up (lazy inits)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=stream, capture_error_mode=self._capture_mode
+                ):
                     self.logits[size] = model.compute_logits(model(self.input_ids[:size]))
             self.graphs[size] = graph
             pool = graph.pool()

@@ -1,9 +1,11 @@
 """Step inputs: what each sequence computes, turned into device tensors with few copies.
 
 A `StepBatch` collects one step in flat Python lists (one `add` per sequence, decodes first),
-then `prepare_step` turns it into numpy arrays in a handful of vectorised operations and
-moves them in one non-blocking copy per dtype (through pinned memory on CUDA), so building
-step N+1 never waits for step N. This runs every step for every sequence: it is kept lean.
+then `pack_step` turns it into a `HostStep` (a few packed numpy arrays plus scalars) in a
+handful of vectorised operations, and `device_step` moves those in one non-blocking copy per
+dtype (through pinned memory on CUDA), so building step N+1 never waits for step N. This runs
+every step for every sequence: it is kept lean. Under tensor parallelism the `HostStep` is
+what rank 0 sends the other ranks, which run `device_step` on it themselves.
 Penalties add their per-row values and token lists only to steps where some row has one.
 """
 
@@ -22,7 +24,18 @@ from asyncllm.kernels.base import AttentionBackend
 from asyncllm.layers.sampler import PenaltyTensors, SamplingTensors
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
+__all__ = [
+    "HostStep",
+    "PinnedStaging",
+    "PreparedStep",
+    "SampleSpec",
+    "SeqStep",
+    "StepBatch",
+    "StepMeta",
+    "device_step",
+    "pack_step",
+    "prepare_step",
+]
 
 
 _INT64_LIMIT = 2**63
@@ -187,16 +200,16 @@ class _PenaltyLists:
             "pending_src": np.array(self.pending_src, np.int64),
         }
 
-    def float_arrays(self, num_rows: int) -> dict[str, np.ndarray]:
-        """Presence, frequency and repetition of every sampled row (the neutral 0, 0, 1 for
-        rows without penalties)."""
-        arrays = {}
-        for name, given, neutral in (("presence", self.presence, 0.0),
-                                     ("frequency", self.frequency, 0.0),
-                                     ("repetition", self.repetition, 1.0)):  # fmt: skip
-            arrays[name] = np.full(num_rows, neutral, np.float32)
-            arrays[name][self.rows] = given
-        return arrays
+    def float_rows(self, num_rows: int) -> list[np.ndarray]:
+        """[presence, frequency, repetition], each over every sampled row (the neutral 0, 0,
+        1 for rows without penalties)."""
+        values: list[np.ndarray] = []
+        for given, neutral in ((self.presence, 0.0), (self.frequency, 0.0),
+                               (self.repetition, 1.0)):  # fmt: skip
+            row_values = np.full(num_rows, neutral, np.float32)
+            row_values[self.rows] = given
+            values.append(row_values)
+        return values
 
 
 class PreparedStep(NamedTuple):
@@ -255,6 +268,37 @@ _TORCH_DTYPES = {
 }
 
 
+class StepMeta(NamedTuple):
+    """A step's scalars, known on the host (reading them never waits on the device)."""
+
+    num_seqs: int
+    table_width: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_decode_seqs: int
+    num_logprobs: int
+    all_greedy: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+
+
+class HostStep(NamedTuple):
+    """One step's inputs on the host, packed by dtype: what `device_step` copies to the
+    device, and (under tensor parallelism) all that crosses from rank 0 to the other ranks."""
+
+    ints: np.ndarray
+    """int64 parts, concatenated in `int_sizes` order, each 16-byte aligned."""
+    int_sizes: dict[str, int]
+    int32s: np.ndarray
+    """int32 parts, likewise."""
+    int32_sizes: dict[str, int]
+    floats: np.ndarray
+    """float32 [rows, columns]: temperature, top-p, min-p, then on penalised steps presence,
+    frequency and repetition penalty; a column per sampled row (`int_sizes["seeds"]`), padded
+    to a multiple of 4 so that every row starts 16-byte aligned."""
+    meta: StepMeta
+
+
 def prepare_step(
     batch: StepBatch,
     block_size: int,
@@ -263,6 +307,11 @@ def prepare_step(
     staging: PinnedStaging | None = None,
 ) -> PreparedStep:
     """Device tensors for `batch` (through `staging` on CUDA)."""
+    return device_step(pack_step(batch, block_size), device, backend, staging)
+
+
+def pack_step(batch: StepBatch, block_size: int) -> HostStep:
+    """`batch` as a few flat numpy arrays (vectorised: this runs every step)."""
     q_lens = np.array(batch.q_lens, np.int64)
     seq_lens = np.array(batch.starts, np.int64) + q_lens
     cu_q = np.zeros(len(q_lens) + 1, np.int64)
@@ -284,39 +333,62 @@ def prepare_step(
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    floats = {
-        "temperatures": np.array(batch.temperatures, np.float32),
-        "top_p": np.array(batch.top_ps, np.float32),
-        "min_p": np.array(batch.min_ps, np.float32),
-    }
-    penalised = bool(batch.penalties.rows)
-    if penalised:  # steps without penalties build and copy nothing for them
+    float_rows: list[Sequence[float] | np.ndarray] = [
+        batch.temperatures,
+        batch.top_ps,
+        batch.min_ps,
+    ]
+    if batch.penalties.rows:  # steps without penalties build and send nothing for them
         ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
-        floats.update(_prefixed("penalty_", batch.penalties.float_arrays(len(batch.seeds))))
+        float_rows.extend(batch.penalties.float_rows(len(batch.seeds)))
+    meta = StepMeta(
+        num_seqs=len(q_lens),
+        table_width=tables.shape[1],
+        max_seqlen_q=int(q_lens.max()),
+        max_seqlen_k=int(seq_lens.max()),
+        num_decode_seqs=_leading_decodes(q_lens),
+        num_logprobs=batch.num_logprobs,
+        all_greedy=batch.all_greedy,
+        any_top_k_top_p=batch.any_top_k_top_p,
+        any_min_p=batch.any_min_p,
+    )
+    return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
+                    _pack_rows(float_rows), meta)  # fmt: skip
+
+
+def device_step(
+    host: HostStep,
+    device: torch.device,
+    backend: AttentionBackend,
+    staging: PinnedStaging | None = None,
+) -> PreparedStep:
+    """`host` on the model's device (one non-blocking copy per dtype through `staging` on
+    CUDA), with the forward context and sampling tensors built on it."""
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
-    views = _unpack(to_device(_pack(ints)), ints)
-    views32 = _unpack(to_device(_pack(int32s)), int32s)
-    views_f32 = _unpack(to_device(_pack(floats)), floats)
+    views = _unpack(to_device(host.ints), host.int_sizes)
+    views32 = _unpack(to_device(host.int32s), host.int32_sizes)
+    f32 = to_device(host.floats)[:, : host.int_sizes["seeds"]]  # one column per sampled row
+    meta = host.meta
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
         cu_seqlens_q=views32["cu_q"],
         seq_lens_k=views32["seq_lens"],
-        block_tables=views32["tables"].view(tables.shape),
+        block_tables=views32["tables"].view(meta.num_seqs, meta.table_width),
         logits_indices=views["logits_indices"],
-        max_seqlen_q=int(q_lens.max()),
-        max_seqlen_k=int(seq_lens.max()),
-        num_decode_seqs=_leading_decodes(q_lens),
+        max_seqlen_q=meta.max_seqlen_q,
+        max_seqlen_k=meta.max_seqlen_k,
+        num_decode_seqs=meta.num_decode_seqs,
         attn_backend=backend,
     )
     ctx = dataclasses.replace(ctx, attn_metadata=backend.build_metadata(ctx))
-    pending = bool(batch.pending_dst)
+    pending = host.int_sizes["pending_dst"] > 0
     return PreparedStep(
         ctx=ctx,
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(batch, views | views_f32, penalised),
+        sampling=_sampling(meta, views, f32),
     )
 
 
@@ -369,12 +441,30 @@ def _pack(parts: dict[str, np.ndarray]) -> np.ndarray:
     return flat
 
 
-def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+_NUM_SAMPLING_ROWS = 3
+"""Float rows every step has (temperature, top-p, min-p); penalised steps add three more."""
+
+
+def _pack_rows(rows: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
+    """`rows` (equally long) as float32 [len(rows), padded]: the padding makes each row start
+    16-byte aligned, as `_pack` does for its parts (Triton specialises on alignment)."""
+    width = len(rows[0])
+    out = np.zeros((len(rows), _round_up(max(width, 1), _ALIGN_BYTES // 4)), np.float32)
+    for index, row in enumerate(rows):
+        out[index, :width] = row
+    return out
+
+
+def _sizes(parts: dict[str, np.ndarray]) -> dict[str, int]:
+    return {name: array.size for name, array in parts.items()}
+
+
+def _unpack(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     step = _ALIGN_BYTES // flat.element_size()
     views, start = {}, 0
-    for name, array in parts.items():
-        views[name] = flat[start : start + array.size]
-        start += _round_up(array.size, step)
+    for name, size in sizes.items():
+        views[name] = flat[start : start + size]
+        start += _round_up(size, step)
     return views
 
 
@@ -382,13 +472,15 @@ def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return {prefix + name: array for name, array in arrays.items()}
 
 
-def _sampling(batch: StepBatch, views: dict[str, torch.Tensor], penalised: bool) -> SamplingTensors:
+def _sampling(
+    meta: StepMeta, views: dict[str, torch.Tensor], floats: torch.Tensor
+) -> SamplingTensors:
     penalties = None
-    if penalised:
+    if len(floats) > _NUM_SAMPLING_ROWS:  # a penalised step (see `pack_step`)
         penalties = PenaltyTensors(
-            presence=views["penalty_presence"],
-            frequency=views["penalty_frequency"],
-            repetition=views["penalty_repetition"],
+            presence=floats[_NUM_SAMPLING_ROWS],
+            frequency=floats[_NUM_SAMPLING_ROWS + 1],
+            repetition=floats[_NUM_SAMPLING_ROWS + 2],
             output_rows=views["penalty_output_rows"],
             output_tokens=views["penalty_output_tokens"],
             prompt_rows=views["penalty_prompt_rows"],
@@ -397,17 +489,17 @@ def _sampling(batch: StepBatch, views: dict[str, torch.Tensor], penalised: bool)
             pending_src=views["penalty_pending_src"],
         )
     return SamplingTensors(
-        temperatures=views["temperatures"],
+        temperatures=floats[0],
         top_k=views["top_k"],
-        top_p=views["top_p"],
-        min_p=views["min_p"],
+        top_p=floats[1],
+        min_p=floats[2],
         seeds=views["seeds"],
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
         banned_tokens=views["banned_tokens"],
-        all_greedy=batch.all_greedy,
-        any_top_k_top_p=batch.any_top_k_top_p,
-        any_min_p=batch.any_min_p,
-        num_logprobs=batch.num_logprobs,
+        all_greedy=meta.all_greedy,
+        any_top_k_top_p=meta.any_top_k_top_p,
+        any_min_p=meta.any_min_p,
+        num_logprobs=meta.num_logprobs,
         penalties=penalties,
     )

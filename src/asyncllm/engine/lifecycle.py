@@ -85,6 +85,7 @@ class Lifecycle:
         """A new one-shot wake-up for a stream reader, native to the engine's loop."""
         self._loop_thread: int | None = None
         self._loop_scope: anyio.CancelScope | None = None
+        self._loop_task: Any = None  # asyncio keeps only weak references to running tasks
         self._loop_done: anyio.Event | None = None
         self._started: anyio.Event | None = None
         self._stopped: anyio.Event | None = None
@@ -150,7 +151,7 @@ class Lifecycle:
             raise
         else:
             self._loop_scope = anyio.CancelScope()
-            spawn(self._run_loop, self._loop_scope, context=self.context)
+            self._loop_task = spawn(self._run_loop, self._loop_scope, context=self.context)
             self.state = EngineState.RUNNING
         finally:
             self._started.set()
@@ -180,7 +181,6 @@ class Lifecycle:
                 await drain()
         finally:
             await self._tear_down()
-        logger.info("engine stopped")
 
     def fail(self, exc: BaseException) -> None:
         """Record that a step failed: from now on the engine refuses new work."""
@@ -207,6 +207,7 @@ class Lifecycle:
             with scope:
                 await self._serve()
         finally:
+            self._loop_task = None
             self._loop_done.set()
 
     async def _tear_down(self) -> None:
@@ -233,6 +234,7 @@ class Lifecycle:
         finally:
             self.state = EngineState.STOPPED
             self._stopped.set()
+            logger.info("engine stopped")
 
 
 def _unbound_waiter() -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,31 +12,44 @@ from asyncllm.kernels import fused_ops
 from asyncllm.layers import between_layers
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import PagedAttention
-from asyncllm.layers.embedding import LMHead
-from asyncllm.layers.linear import PackedLinear
+from asyncllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from asyncllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.model.base import CausalLM
 from asyncllm.model.config import ModelConfig
+from asyncllm.parallel import TPGroup
 
 __all__ = ["Qwen3ForCausalLM"]
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    """Attention over this rank's heads: q/k/v split by heads, o_proj summed across ranks."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
-        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
-        self.qkv_proj = PackedLinear(
-            cfg.hidden_size,
-            {"q": heads * dim, "k": kv_heads * dim, "v": kv_heads * dim},
+        dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, dim, tp,
             bias=cfg.attention_bias,
+        )  # fmt: skip
+        # This rank's heads (at world size 1: all of them).
+        self.heads, self.kv_heads, self.dim = (
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            dim,
         )
-        self.o_proj = nn.Linear(heads * dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * dim, cfg.hidden_size, tp, bias=cfg.attention_bias
+        )
         self.q_norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.rotary = rotary
-        self.attn = PagedAttention(heads, kv_heads, dim, scale=dim**-0.5)
+        self.attn = PagedAttention(self.heads, self.kv_heads, dim, scale=dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -63,12 +76,16 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """SwiGLU over this rank's slice of the intermediate features."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, {"gate": size, "up": size}, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, {"gate": size, "up": size}, tp, bias=False
+        )
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.down_proj(self.act(self.gate_up_proj(x)))
@@ -76,12 +93,12 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg, rotary)
+        self.self_attn = Qwen3Attention(cfg, rotary, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg)
+        self.mlp = Qwen3MLP(cfg, tp)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None
@@ -96,12 +113,12 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers)
+            Qwen3DecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -127,12 +144,11 @@ class Qwen3ForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        self.model = Qwen3Model(cfg)
-        embedding = cast(nn.Parameter, self.model.embed_tokens.weight)
-        tied = embedding if cfg.tie_word_embeddings else None
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, tied_weight=tied)
+    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
+        super().__init__(cfg, tp)
+        self.model = Qwen3Model(cfg, tp)
+        tied = self.model.embed_tokens.weight if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp, tied_weight=tied)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] -> final hidden states [T, hidden]."""
