@@ -49,14 +49,17 @@ _PARITY_SHAPE: dict[str, Any] = {
 def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`asyncllm bench tp`."""
     p = kinds.add_parser("tp", help="tensor parallelism: TP=1 vs TP=2, ITL, tok/s, NCCL time")
-    p.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen3-8b")
+    p.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen3-8b",
+                   help="shape of the random model (default: qwen3-8b)")  # fmt: skip
     p.add_argument("--model", default=None, help="model dir (default: a random --model-shape)")
     p.add_argument("--work-dir", default=None, help="where random models are written")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="tensor_parallel_size")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--itl-tokens", type=int, default=128)
-    p.add_argument("--skip-throughput", action="store_true")
-    p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--num-requests", type=int, default=256,
+                   help="requests of the throughput run (default: 256)")  # fmt: skip
+    p.add_argument("--itl-tokens", type=int, default=128,
+                   help="tokens generated per request when timing ITL (default: 128)")  # fmt: skip
+    p.add_argument("--skip-throughput", action="store_true", help="skip the throughput run")
+    p.add_argument("--skip-parity", action="store_true", help="skip the float32 parity check")
     p.add_argument("--broadcast-only", action="store_true",
                    help="only time the step-input broadcast (two processes, gloo)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -150,16 +153,24 @@ async def _measure(model_dir: Path, size: int, args: argparse.Namespace) -> dict
     return out
 
 
-def _broadcast_totals(engine: AsyncEngine) -> tuple[int, float]:
+def _broadcast_totals(engine: AsyncEngine) -> tuple[int, float, float]:
+    """(steps sent, rank 0's own seconds in `send`, the sender thread's broadcast seconds)."""
     runner = engine._core.runner
     sender = runner.workers.sender if runner is not None and runner.workers else None
-    return (sender.num_sent, sender.seconds) if sender is not None else (0, 0.0)
+    if sender is None:
+        return 0, 0.0, 0.0
+    return sender.num_sent, sender.seconds, sender.transfer_seconds
 
 
-def _broadcast_per_step(engine: AsyncEngine, before: tuple[int, float]) -> float | None:
-    count, seconds = _broadcast_totals(engine)
+def _broadcast_per_step(engine: AsyncEngine, before: tuple[int, float, float]
+                        ) -> dict[str, float] | None:  # fmt: skip
+    """Microseconds per step: on rank 0's loop (`send`) and in the broadcast itself."""
+    count, seconds, transfer = _broadcast_totals(engine)
     steps = count - before[0]
-    return (seconds - before[1]) / steps * 1e6 if steps else None
+    if not steps:
+        return None
+    return {"rank0_us": (seconds - before[1]) / steps * 1e6,
+            "transfer_us": (transfer - before[2]) / steps * 1e6}  # fmt: skip
 
 
 def _prompts(batch: int, length: int, salt: int, vocab: int) -> list[list[int]]:
@@ -385,22 +396,26 @@ def _broadcast_times(tp: Any) -> dict[str, Any]:
     from asyncllm.engine.inputs import SampleSpec, StepBatch, pack_step
     from asyncllm.engine.step_channel import StepReceiver, StepSender
 
+    if tp.rank != 0:  # one receiver for the whole probe, as in a worker
+        receiver = StepReceiver(tp)
+        while receiver.recv() is not None:
+            pass
+        return {}
     out: dict[str, Any] = {}
+    sender, repeats = StepSender(tp), 300
     sampled = SampleSpec(SamplingParams(temperature=0.6), 0, 0)
     for batch in (1, 64, 256):
         steps = StepBatch()
         for i in range(batch):  # decodes at ~800 tokens of context: 50 blocks each
             steps.add([1], 800, list(range(i * 50, i * 50 + 50)), None, sampled)
         host = pack_step(steps, 16)
-        repeats = 300
-        if tp.rank == 0:
-            sender = StepSender(tp)
-            for _ in range(repeats):
-                sender.send(host)
-            out[f"batch{batch}"] = {"us_per_step": sender.seconds / repeats * 1e6}
-        else:
-            receiver = StepReceiver(tp)
-            for _ in range(repeats):
-                receiver.recv()
-        tp.cpu_min(0)  # both done before the next size
+        own, transfer = sender.seconds, sender.transfer_seconds
+        for _ in range(repeats):
+            sender.send(host)
+        sender.wait_sent(timeout_s=60)
+        out[f"batch{batch}"] = {
+            "rank0_us_per_step": (sender.seconds - own) / repeats * 1e6,
+            "transfer_us_per_step": (sender.transfer_seconds - transfer) / repeats * 1e6,
+        }
+    sender.stop(timeout_s=30)
     return out

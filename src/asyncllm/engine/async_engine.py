@@ -17,12 +17,17 @@ import anyio.lowlevel
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore, Prompt
 from asyncllm.engine.eventloop import running_event_loop
-from asyncllm.engine.lifecycle import Lifecycle
+from asyncllm.engine.lifecycle import EngineState, Lifecycle
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import LaunchedStep, StepResult
 from asyncllm.engine.scheduler import ScheduledStep
 from asyncllm.engine.stream import RequestStream
-from asyncllm.errors import BlockingCallError, DuplicateRequestIdError, InvalidRequestError
+from asyncllm.errors import (
+    BlockingCallError,
+    DuplicateRequestIdError,
+    EngineNotRunningError,
+    InvalidRequestError,
+)
 from asyncllm.outputs import EngineStats, RequestOutput, StreamToken
 from asyncllm.sampling import SamplingParams
 
@@ -75,6 +80,22 @@ class AsyncEngine:
     def tokenizer(self) -> Any:
         """The model's `asyncllm.tokenizer.Tokenizer`."""
         return self._core.tokenizer
+
+    @property
+    def state(self) -> str:
+        """Where the engine is in its life: "created", "starting", "running", "stopping" or
+        "stopped"; "dead" from a failed step until it is stopped (it accepts no work)."""
+        life = self._lifecycle
+        if life.failure is not None and life.state is not EngineState.STOPPED:
+            return "dead"
+        return life.state.value
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output a request may have (known once the engine has started)."""
+        if self._lifecycle.state in (EngineState.CREATED, EngineState.STARTING):
+            raise EngineNotRunningError("max_model_len is sized when the engine starts")
+        return self._core.max_model_len
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

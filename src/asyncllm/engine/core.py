@@ -61,6 +61,7 @@ class EngineCore:
             config.tensor_parallel_size, num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size,
             intermediate_size=cfg.intermediate_size,
+            moe_intermediate_size=cfg.moe.moe_intermediate_size if cfg.moe else None,
         )  # fmt: skip
         self.tokenizer = Tokenizer(self.model_dir)
         self._rng = random.Random(config.seed)

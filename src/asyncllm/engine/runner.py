@@ -284,10 +284,21 @@ class ModelRunner:
         model_limit = self.model_config.max_position_embeddings
         pool_tokens = self.num_kv_blocks * self.block_size
         asked = self.config.max_model_len
+        window = self.model_config.sliding_window
         if asked is None:
+            if window is not None and window < min(model_limit, pool_tokens):
+                # Within the window sliding attention is full attention: serve that much.
+                logger.warning("max_model_len capped at config.json's sliding_window, %d", window)
+                return window
             return min(model_limit, pool_tokens)
         if asked > model_limit:
             raise ConfigError(f"max_model_len {asked} exceeds the model's limit {model_limit}")
+        if window is not None and asked > window:
+            raise ConfigError(
+                f"max_model_len {asked} exceeds the sliding_window {window} of config.json: "
+                "sliding-window attention is not supported; use max_model_len <= "
+                f"{window}, where it equals full attention"
+            )
         if asked > pool_tokens:
             raise ConfigError(
                 f"max_model_len {asked} does not fit the KV pool ({pool_tokens} tokens); "

@@ -5,11 +5,18 @@ and, only for steps too large for it, one more message with the rest; both are g
 broadcasts on the engine's CPU group. The payload is the step's packed arrays and the names
 of their parts; nothing is pickled. A frame whose header says "stop" ends a worker's loop.
 
+Both ends move the broadcasts to a thread of their own: gloo's send completes only once the
+receiver takes the data, and a worker is usually still launching the previous step when rank 0
+sends the next. With a receiver that always waits and a sender that never blocks the engine
+loop, the handshake overlaps with both ranks' launches.
+
 Small steps (decodes of up to ~100 sequences) take one broadcast.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -65,43 +72,101 @@ def decode_step(header: np.ndarray, payload: np.ndarray) -> HostStep:
 
 
 class StepSender:
-    """Rank 0's end: broadcasts each step (and finally "stop") to the other ranks."""
+    """Rank 0's end. `send` encodes a step and returns; a thread of the sender's own
+    broadcasts the steps in order, so rank 0's loop never waits for the handshake with a rank
+    that is still launching the previous step. `stop` sends "stop" behind them."""
 
     def __init__(self, tp: TPGroup) -> None:
         self.tp = tp
         self.num_sent = 0
         self.seconds = 0.0
-        """Wall time spent broadcasting, over all steps (for benchmarks)."""
+        """Rank 0's own time in `send` (encoding, handing over), over all steps."""
+        self.transfer_seconds = 0.0
+        """The sender thread's time in the broadcasts, over all steps (for benchmarks)."""
+        self._transferred = 0
+        self._error: BaseException | None = None
+        self._queue: queue.SimpleQueue[list[np.ndarray] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="asyncllm-tp-sender", daemon=True)
+        self._thread.start()
 
     def send(self, host: HostStep) -> None:
-        """Broadcast `host`; returns once it is handed to the transport."""
+        """Queue `host` for the other ranks (raises if an earlier broadcast failed)."""
         start = time.perf_counter()
+        self._raise_if_failed()
         header, payload = encode_step(host)
         frame = np.zeros(FRAME_BYTES, np.uint8)
         frame[: header.nbytes] = header.view(np.uint8)
         inline = min(payload.size, FRAME_BYTES - _HEADER_BYTES)
         frame[_HEADER_BYTES : _HEADER_BYTES + inline] = payload[:inline]
-        self.tp.cpu_broadcast(torch.from_numpy(frame))
-        if inline < payload.size:
-            self.tp.cpu_broadcast(torch.from_numpy(payload[inline:]))
+        self._queue.put([frame] if inline == payload.size else [frame, payload[inline:]])
         self.num_sent += 1
         self.seconds += time.perf_counter() - start
 
+    def wait_sent(self, timeout_s: float) -> None:
+        """Wait until every queued step is broadcast (raises on failure or timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while self._transferred < self.num_sent:
+            self._raise_if_failed()
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise TimeoutError(f"steps not sent to the other ranks within {timeout_s:g} s")
+            time.sleep(0.0005)
+
     def stop(self, timeout_s: float) -> None:
-        """Tell every worker to leave its loop."""
+        """Tell every worker to leave its loop, after the steps already queued."""
         frame = np.zeros(FRAME_BYTES, np.uint8)
         frame[:8] = np.array([_STOP], np.int64).view(np.uint8)
-        self.tp.cpu_broadcast(torch.from_numpy(frame), timeout_s=timeout_s)
+        self._queue.put([frame])
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._raise_if_failed()
+        if self._thread.is_alive():
+            raise TimeoutError(f"'stop' not sent to the other ranks within {timeout_s:g} s")
+
+    def _run(self) -> None:
+        while (messages := self._queue.get()) is not None:
+            start = time.perf_counter()
+            try:
+                for message in messages:
+                    self.tp.cpu_broadcast(torch.from_numpy(message))
+            except BaseException as exc:  # the next send (or stop) raises it
+                self._error = exc
+                return
+            self.transfer_seconds += time.perf_counter() - start
+            self._transferred += 1
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"sending a step to the other ranks failed: {self._error!r}")
 
 
 class StepReceiver:
-    """A worker's end: waits (as long as it takes) for rank 0's next step."""
+    """A worker's end. A thread of its own is always waiting in the broadcast for rank 0's
+    next step (so rank 0's send never waits for this rank to finish launching) and queues
+    the decoded steps for `recv`."""
 
     def __init__(self, tp: TPGroup) -> None:
         self.tp = tp
+        self._queue: queue.SimpleQueue[HostStep | BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="asyncllm-tp-receiver", daemon=True)
+        self._thread.start()
 
     def recv(self) -> HostStep | None:
-        """The next step, or None when rank 0 says stop."""
+        """The next step (waiting as long as it takes), or None when rank 0 says stop."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"receiving a step from rank 0 failed: {item!r}") from item
+        return item
+
+    def _run(self) -> None:
+        try:
+            while (host := self._receive()) is not None:
+                self._queue.put(host)
+        except BaseException as exc:
+            self._queue.put(exc)
+        else:
+            self._queue.put(None)
+
+    def _receive(self) -> HostStep | None:
         frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
         self.tp.cpu_broadcast(frame, timeout_s=_FOREVER_S)
         data = frame.numpy()

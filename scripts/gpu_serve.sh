@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The serving benchmark on an offline GPU machine whose python3 has CUDA torch:
+# Qwen3-0.6B's shape (random bf16 weights), 256 requests of U[100, 1024] prompt and output
+# tokens sent at once to `asyncllm serve` (a child process) as 256 concurrent streams, then
+# the same load on an in-process AsyncEngine; the burst again with 4 tokens per event; then
+# a Poisson run for latencies. Target: output tok/s through HTTP >= 90% of the in-process
+# streams. Takes about 5 minutes (four model loads).
+#
+#   bash scripts/gpu_serve.sh          # JSON and logs go to $OUT (default /tmp/asyncllm-out)
+#
+# The server's packages that machine lacks come as wheels in .whl/ (git-ignored), fetched
+# beforehand where pip has network access (the machine already has anyio, click, h11,
+# httpx, uvloop and prometheus-client):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux1_x86_64 -d .whl fastapi==0.165.0 starlette==1.10.0 \
+#     pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
+#     typing-inspection==0.4.5 typing-extensions==4.16.0 annotated-doc==0.0.7 \
+#     opentelemetry-api==1.45.2 uvicorn==0.54.0 httptools==0.9.0
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/asyncllm-out}
+mkdir -p "$OUT"
+SITE=/tmp/asyncllm-serve-site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" .whl/*.whl || exit 1
+# The server runs as a child process: it inherits this path (src/ first: no install needed).
+export PYTHONPATH="$PWD/src:$SITE" PYTHONUNBUFFERED=1
+MODEL=/tmp/asyncllm-qwen3-0.6b-random
+python3 -c "from pathlib import Path; from asyncllm.bench.model import write_random_qwen3; \
+write_random_qwen3(Path('$MODEL'))" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+status=0
+# 1. All at once: 256 concurrent streams over HTTP, then the same in process.
+python3 -m asyncllm bench serve --model "$MODEL" --num-requests 256 --request-rate inf \
+  --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 --compare-in-process \
+  --no-progress --out "$OUT/serve-burst.json" 2>&1 | tee "$OUT/serve-burst.log" || status=1
+# 2. The same burst with 4 tokens per event (asyncllm serve --stream-interval 4).
+python3 -m asyncllm bench serve --model "$MODEL" --num-requests 256 --request-rate inf \
+  --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 --stream-interval 4 \
+  --no-progress --out "$OUT/serve-burst-interval4.json" 2>&1 \
+  | tee "$OUT/serve-burst-interval4.log" || status=1
+# 3. Poisson arrivals at 16 requests/s: latencies below saturation.
+python3 -m asyncllm bench serve --model "$MODEL" --num-requests 256 --request-rate 16 \
+  --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 \
+  --no-progress --out "$OUT/serve-poisson16.json" 2>&1 | tee "$OUT/serve-poisson16.log" || status=1
+exit $status
