@@ -82,11 +82,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = kinds.add_parser("decode", help="steady-state decode tok/s at fixed batch sizes")
     p.add_argument("--model", default=None, help="model dir (default: a random model)")
     add_shape_arguments(p)
-    p.add_argument("--batches", default="1,64,256")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--batches", default="1,64,256", help="batch sizes to measure, comma-separated")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--output-len", type=int, default=128, help="tokens decoded per sequence")
     p.add_argument("--max-num-seqs", type=int, default=0, help="default: the engine's")
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
         "--moe-impl", choices=("fused", "loop"), default="fused",
         help="MoE layers: the fused Triton kernel, or the per-expert torch loop (eager only)",
