@@ -32,8 +32,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
 
 from asyncllm import LLM, AsyncEngine, EngineStats, SamplingParams, errors
-from asyncllm.engine.inputs import SampleSpec, SeqStep, StepBatch, pack_step
+from asyncllm.engine.inputs import SampleSpec, SeqStep, StepBatch, device_step, pack_step
 from asyncllm.engine.step_channel import FRAME_BYTES, decode_step, encode_step
+from asyncllm.kernels import create_attention_backend
 from asyncllm.model.config import ModelConfig
 from asyncllm.model.loader import load_model
 from asyncllm.parallel import TPGroup
@@ -213,6 +214,28 @@ async def test_abort_frees_blocks_of_running_requests(engines: dict[str, AsyncEn
     assert out.usage.completion_tokens == 4
 
 
+@shared_loop
+@pytest.mark.parametrize("name", NAMES)
+async def test_penalised_greedy_choices_match_transformers(
+    name: str, engines: dict[str, AsyncEngine], references: dict[str, Qwen3ForCausalLM]
+) -> None:
+    """Penalty values and token lists cross to the workers with each step; the choices of a
+    request share the prompt's blocks on every rank."""
+    engine, vocab = engines[name], TP_CONFIGS[name]["vocab_size"]
+    prompts = random_prompts([9, 40], vocab, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.5, n=2)
+    outs = await engine.generate_many(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        with torch.inference_mode():
+            want = references[name].generate(
+                torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                repetition_penalty=1.5, eos_token_id=None, pad_token_id=0,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )[0, len(prompt) :].tolist()  # fmt: skip
+        assert [choice.token_ids for choice in out.choices] == [want, want]
+    assert all_blocks_unused(await until_idle(engine))
+
+
 # ---- failures and shutdown -------------------------------------------------------------------
 
 
@@ -387,3 +410,30 @@ def test_a_step_crosses_to_the_workers_unchanged(num_seqs: int) -> None:
     assert back.int_sizes == host.int_sizes and back.int32_sizes == host.int32_sizes
     for name in ("ints", "int32s", "floats"):
         assert (getattr(back, name) == getattr(host, name)).all(), name
+
+
+def test_a_penalised_step_crosses_to_the_workers_with_its_penalties() -> None:
+    batch = StepBatch()
+    for i in range(5):  # rows 1 and 3 are penalised, and their newest output is pending
+        params = SamplingParams(temperature=0.7, presence_penalty=0.5 * (i % 2),
+                                repetition_penalty=1.25 if i == 3 else 1.0)  # fmt: skip
+        sample = SampleSpec(params, seed=i, offset=3, output_token_ids=[4, 5, i],
+                            prompt_token_ids=[1, 2, 3])  # fmt: skip
+        batch.add([7, 8][: 1 + i % 3], 10 + i, [i], i if i % 2 else None, sample)
+    host = pack_step(batch, block_size=16)
+    header, payload = encode_step(host)
+    back = decode_step(header, payload.copy())
+    assert back.int_sizes == host.int_sizes
+    for name in ("ints", "int32s", "floats"):
+        assert (getattr(back, name) == getattr(host, name)).all(), name
+    backend = create_attention_backend("torch", torch.device("cpu"), 16, 16, torch.float32)
+    sent = device_step(host, torch.device("cpu"), backend).sampling
+    received = device_step(back, torch.device("cpu"), backend).sampling
+    assert sent.penalties is not None and received.penalties is not None
+    for field in sent.penalties._fields:
+        assert torch.equal(getattr(sent.penalties, field), getattr(received.penalties, field))
+    assert received.penalties.presence.tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+    assert received.penalties.repetition.tolist() == [1.0, 1.0, 1.0, 1.25, 1.0]
+    assert received.penalties.pending_src.tolist() == [1, 3]
+    floats = [sent.temperatures, sent.top_p, sent.min_p, *sent.penalties[:3]]
+    assert all(len(row) == 5 and row.data_ptr() % 16 == 0 for row in floats)  # Triton aligns

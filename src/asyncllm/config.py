@@ -86,6 +86,9 @@ class EngineConfig:
     seed: int = 0
     """Seed of the engine's sampling, in [0, 2**64); requests without their own seed draw one
     from it."""
+    max_waiting_requests: int | None = None
+    """Most sequences waiting for admission; a submission finding the queue full raises
+    `EngineOverloadedError` (counted in `EngineStats.num_rejected_overloaded`). None: no limit."""
     tensor_parallel_size: int = 1
     """Ranks (GPUs) each layer is split across: rank 0 runs in this process, ranks 1..N-1 in
     worker processes it spawns (or that `torchrun` started); see README, "Tensor parallelism"."""
@@ -103,7 +106,7 @@ class EngineConfig:
             "tensor_parallel_size",
         ):
             self._normalise(name, _bounded_int(name, MAX_INT32))
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks", "max_waiting_requests"):
             self._normalise(name, _optional(_bounded_int(name, MAX_INT32)))
         self._normalise("kv_cache_bytes", _optional(_bounded_int("kv_cache_bytes", MAX_INT64)))
         self._normalise("seed", _bounded_int("seed", MAX_SEED, minimum=0))

@@ -12,6 +12,7 @@
     ├── StreamInUseError            a second task read a RequestStream another task is reading
     └── EngineError                 a failure inside an engine step (carries `__cause__`)
         ├── EngineDeadError         the engine failed earlier and accepts no more work
+        ├── EngineOverloadedError   the waiting queue is full: retry later
         ├── EngineNotRunningError   the engine was never started or has shut down
         └── WrongEventLoopError     the engine was used from a loop it was not started in
 
@@ -34,6 +35,7 @@ __all__ = [
     "EngineDeadError",
     "EngineError",
     "EngineNotRunningError",
+    "EngineOverloadedError",
     "InvalidRequestError",
     "ModelLoadError",
     "NoForwardContextError",
@@ -98,6 +100,16 @@ class EngineError(AsyncLLMError):
 
 class EngineDeadError(EngineError):
     """The engine failed earlier and accepts no more requests; create a new engine."""
+
+
+class EngineOverloadedError(EngineError):
+    """The engine's waiting queue is full (`EngineConfig.max_waiting_requests`): the request
+    was refused at submission, before taking any resources; the engine keeps serving.
+
+    A child of `EngineError`, not of `InvalidRequestError`: nothing is wrong with the
+    request, the same request can succeed a moment later, and a server should answer it
+    as a temporary refusal (HTTP 503 with Retry-After), never as a client error (400).
+    """
 
 
 class EngineNotRunningError(EngineError):

@@ -272,12 +272,30 @@ class WeightShard(NamedTuple):
     The checkpoint tensor is cut into `parts` equal pieces along `dim` and piece `part` is
     copied into `rows` of the parameter (all of it when None). `dim=None`: the whole tensor
     (replicated on every rank).
+
+    Packed experts: `expert` selects the parameter's slab [expert] that the (per-expert)
+    tensor fills; `chunks` > 1 says the tensor holds that many projections one after the
+    other along `dim` (gate, then up), each cut into `parts` on its own, so the rank's piece
+    of every chunk lands one after the other in the parameter.
     """
 
     rows: slice | None = None
     dim: int | None = None
     part: int = 0
     parts: int = 1
+    expert: int | None = None
+    chunks: int = 1
+
+
+class CheckpointLayout(NamedTuple):
+    """How a layer's parameters appear in checkpoints, for layers whose checkpoint names are
+    not their parameter names (packed experts). Names are relative to the layer."""
+
+    tensors: dict[str, tuple[str, WeightShard]]
+    """Checkpoint tensor name -> (the parameter it fills, which part of it)."""
+    stands_for: dict[str, tuple[str, ...]]
+    """An optional packed checkpoint name -> the names it replaces (a checkpoint holds one
+    form or the other); the names it replaces are the required ones."""
 
 
 def shard_range(size: int, part: int, parts: int) -> tuple[int, int]:
@@ -297,16 +315,18 @@ def kv_head_shard(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
 
 def check_divisible(
     world_size: int, *, num_attention_heads: int, num_key_value_heads: int, vocab_size: int,
-    intermediate_size: int,
+    intermediate_size: int, moe_intermediate_size: int | None = None,
 ) -> None:  # fmt: skip
     """Raise `ConfigError` naming both numbers when a model cannot be split `world_size`
-    ways (heads, vocabulary and MLP width split evenly; KV heads split or are replicated)."""
+    ways (heads, vocabulary, MLP and experts' widths split evenly; KV heads split or are
+    replicated)."""
     if world_size == 1:
         return
     for name, value in (
         ("num_attention_heads", num_attention_heads),
         ("vocab_size", vocab_size),
         ("intermediate_size", intermediate_size),
+        ("moe_intermediate_size", moe_intermediate_size or world_size),
     ):
         if value % world_size:
             raise ConfigError(

@@ -16,6 +16,8 @@ GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this pick the argmax, as temperature 0 does: dividing logits by a tinier
 temperature overflows float32 (1e-38 would make every positive logit +inf), and the draw it
 stands for is the argmax in all but exact ties anyway."""
+MAX_N = 128
+MAX_PRESENCE_FREQUENCY_PENALTY = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,19 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the log-probability of each sampled token and of the top-n alternatives, from
     the model's own distribution (before temperature, filters and min_tokens' bans)."""
+    n: int = 1
+    """Independent choices (completions) to generate for the prompt, 1..128. They share the
+    prompt's KV blocks through the prefix cache; with a seed, choice i draws from a seed
+    derived from (seed, i), so every choice differs and each is reproducible."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted from the logit of every token generated at least once so far
+    (OpenAI semantics; > 0 favours new tokens)."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: subtracted from each token's logit once per time it was generated so far
+    (OpenAI semantics; > 0 discourages verbatim repetition)."""
+    repetition_penalty: float = 1.0
+    """> 0: logits of tokens seen in the prompt or the output so far are divided by it when
+    positive and multiplied by it when negative (HF / vLLM semantics); 1 is off."""
 
     def __post_init__(self) -> None:
         # Callers may pass one string or any iterable; store tuples (hashable, truly frozen).
@@ -93,6 +108,14 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _bad(f"min_tokens must not exceed max_tokens ({self.max_tokens})", self.min_tokens)
         self._int("logprobs", minimum=0, maximum=MAX_LOGPROBS, optional=True)
+        self._validate_penalties_and_n()
+
+    def _validate_penalties_and_n(self) -> None:
+        self._int("n", minimum=1, maximum=MAX_N)
+        limit = MAX_PRESENCE_FREQUENCY_PENALTY
+        for name in ("presence_penalty", "frequency_penalty"):
+            self._float(name, f"a number in [{-limit}, {limit}]", lambda v: -limit <= v <= limit)
+        self._float("repetition_penalty", "a finite number > 0", lambda v: v > 0)
 
     def _int(
         self,
@@ -123,6 +146,15 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when tokens are picked by argmax (temperature below `GREEDY_TEMPERATURE`)."""
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any of presence, frequency or repetition penalty is on."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
 
 def _as_tuple(name: str, value: object) -> tuple[Any, ...]:

@@ -83,16 +83,17 @@ class Tokenizer:
         `InvalidRequestError` when the model has no template or the template rejects the
         messages (e.g. roles that do not alternate).
         """
+        # The messages are checked first: a bad message is the caller's to fix on any model.
         for index, message in enumerate(messages):
             for key, value in message.items():
                 if isinstance(value, str):
                     require_unicode(value, f"message {index} {key!r}")
+        if not self.has_chat_template:
+            raise InvalidRequestError("the model has no chat template; send a plain prompt")
         if add_generation_prompt and continue_final_message:
             raise InvalidRequestError(
                 "add_generation_prompt and continue_final_message cannot both be true"
             )
-        if not self.has_chat_template:
-            raise InvalidRequestError("the model has no chat template; send a plain prompt")
         try:
             ids = self._hf.apply_chat_template(
                 messages,

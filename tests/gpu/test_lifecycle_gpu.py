@@ -4,6 +4,7 @@ still in flight, gives the model's and the KV pool's device memory back, on asyn
 from __future__ import annotations
 
 import gc
+import importlib.util
 import threading
 from pathlib import Path
 
@@ -48,7 +49,18 @@ async def cancel_while_serving(engine: AsyncEngine, held: dict[str, int]) -> Non
     assert {s.output().finish_reason for s in streams} == {"abort"}
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "asyncio",
+        pytest.param(
+            "trio",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("trio") is None, reason="trio is not installed"
+            ),
+        ),
+    ],
+)
 def test_a_cancelled_shutdown_gives_the_device_memory_back(model_dir: Path, backend: str) -> None:
     engine = AsyncEngine.from_pretrained(
         str(model_dir), device="cuda", num_kv_blocks=2048, max_num_seqs=64

@@ -1,5 +1,5 @@
-"""Benchmarks behind `asyncllm bench ...` (throughput, scheduler, loop lag, soak, tensor
-parallelism, serving)."""
+"""Benchmarks behind `asyncllm bench ...` (throughput, decode, scheduler, loop lag, soak,
+tensor parallelism, serving)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     bench = sub.add_parser("bench", help="run a benchmark")
     kinds = bench.add_subparsers(dest="bench", required=True)
     from asyncllm.bench import (
+        decode,
         loop_lag,
         scheduler_overhead,
         serve,
@@ -23,6 +24,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
     scheduler_overhead.add_parser(kinds)
     throughput.add_parser(kinds)
+    decode.add_parser(kinds)
     loop_lag.add_parser(kinds)
     soak.add_parser(kinds)
     tensor_parallel.add_parser(kinds)

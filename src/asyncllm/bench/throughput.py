@@ -1,7 +1,8 @@
 """`asyncllm bench throughput`: the nano-vllm workload, asyncllm against transformers, one run.
 
 256 requests (seed 0) with prompts of U[100, 1024] random token ids and U[100, 1024] output
-tokens, ignore_eos, temperature 0.6, on Qwen3-0.6B's exact shape with random bf16 weights.
+tokens, ignore_eos, temperature 0.6, on a published model's exact shape (`--model-shape`,
+default Qwen3-0.6B; see `asyncllm.bench.model.SHAPES`) with random bf16 weights.
 Measured in one process, one after the other:
 
 (a) asyncllm offline (`generate_many`);
@@ -28,12 +29,12 @@ import anyio
 import torch
 
 from asyncllm.bench.loop_lag import LagMonitor
-from asyncllm.bench.model import write_random_qwen3
+from asyncllm.bench.model import SHAPES, write_random_checkpoint
 from asyncllm.config import ATTENTION_BACKEND_NAMES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["add_parser", "workload"]
+__all__ = ["add_parser", "random_model_dir", "workload"]
 
 
 def workload(
@@ -206,8 +207,8 @@ def _transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int,
 def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`asyncllm bench throughput`."""
     p = kinds.add_parser("throughput", help="nano-vllm workload: asyncllm vs transformers")
-    p.add_argument("--model", default=None, help="model dir (default: random Qwen3-0.6B shape)")
-    p.add_argument("--work-dir", default=None, help="where the random model is written")
+    p.add_argument("--model", default=None, help="model dir (default: a random --model-shape)")
+    add_shape_arguments(p)
     p.add_argument("--num-requests", type=int, default=256, help="requests (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"),
@@ -228,20 +229,38 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.set_defaults(run=_run)
 
 
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """--model-shape, --num-layers, --work-dir: which random model to write (and where)."""
+    p.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES),
+                   help="shape of the random model written when --model is not given")  # fmt: skip
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="keep only this many decoder layers of the shape")  # fmt: skip
+    p.add_argument("--work-dir", default=None, help="where the random model is written")
+
+
+def random_model_dir(args: argparse.Namespace) -> Path:
+    """`--model`, or the random model of `--model-shape` (written on first use)."""
+    if args.model:
+        return Path(args.model)
+    config = dict(SHAPES[args.model_shape])
+    name = f"asyncllm-{args.model_shape}-random"
+    if args.num_layers is not None:
+        config["num_hidden_layers"] = args.num_layers
+        name += f"-{args.num_layers}-layers"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return write_random_checkpoint(Path(args.work_dir or tempfile.gettempdir()) / name, config,
+                              device=device)  # fmt: skip
+
+
 def _run(args: argparse.Namespace) -> int:
-    model_dir = (
-        Path(args.model)
-        if args.model
-        else write_random_qwen3(
-            Path(args.work_dir or tempfile.gettempdir()) / "asyncllm-qwen3-0.6b-random"
-        )
-    )
+    model_dir = random_model_dir(args)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts, outputs = workload(args.num_requests, args.seed, tuple(args.prompt_len),
                                 tuple(args.output_len), vocab)  # fmt: skip
     total_out = sum(outputs)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": str(model_dir),
         "requests": len(prompts),
         "prompt_tokens": sum(map(len, prompts)),
         "output_tokens": total_out,

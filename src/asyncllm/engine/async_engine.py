@@ -146,18 +146,21 @@ class AsyncEngine:
 
         `prompt` is text or a list of token ids. Raises `InvalidRequestError` (or its
         children `PromptTooLongError`, `DuplicateRequestIdError` for the id of a request still
-        in flight) at once for a bad request; the engine keeps serving. Without `request_id`
-        the engine makes one that no other request of any engine shares.
+        in flight) at once for a bad request, and `EngineOverloadedError` when
+        `EngineConfig.max_waiting_requests` sequences are already waiting; the engine keeps
+        serving. Without `request_id` the engine makes one that no other request of any engine
+        shares. With `params.n > 1` the one stream carries every choice (`StreamToken.choice`),
+        and they all share the request id.
         """
         self._lifecycle.check_usable()
         req = self._core.make_request(prompt, params, request_id)
-        if req.request_id in self._requests:
+        if req.request_id in self._requests:  # its head choice, while any choice runs
             raise DuplicateRequestIdError(
                 f"request id {req.request_id!r} is already in flight; choose another, or "
                 "leave request_id out to get a unique one"
             )
+        self._core.add(req)  # last check (EngineOverloadedError): it queues the request
         self._requests[req.request_id] = req
-        self._core.scheduler.add(req)
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._wakeup.set()
@@ -171,7 +174,8 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
     ) -> RequestOutput:
-        """Run one request to completion and return its `RequestOutput`."""
+        """Run one request to completion and return its `RequestOutput` (with every choice
+        in `choices` when `params.n > 1`)."""
         return await _read_to_end(self.stream(prompt, params, request_id=request_id))
 
     async def generate_many(
@@ -248,7 +252,8 @@ class AsyncEngine:
             await self._idle.wait()
 
     def abort(self, request_id: str) -> None:
-        """Abort a request and free its KV blocks; unknown or finished ids are ignored.
+        """Abort a request (every choice of it) and free its KV blocks; unknown or finished
+        ids are ignored.
 
         Call it in the engine's event loop (else `WrongEventLoopError`); from another thread,
         use `abort_threadsafe`.
@@ -430,12 +435,16 @@ class AsyncEngine:
         self._core.end_step(step)
 
     def _on_finished(self, req: Request) -> None:
-        if self._requests.get(req.request_id) is req:
-            del self._requests[req.request_id]
         _log_request(
-            logging.DEBUG, req, "finished (%s): %d prompt + %d generated tokens",
-            req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
+            logging.DEBUG, req, "%sfinished (%s): %d prompt + %d generated tokens",
+            _choice_label(req), req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
         )  # fmt: skip
+        head = self._requests.get(req.request_id)
+        if head is None or not any(choice is req for choice in head.choices):
+            return  # an earlier request that ended already, whose id a later one may reuse
+        if not head.all_choices_finished:
+            return  # other choices of the request are still running
+        del self._requests[req.request_id]
         self._note_if_drained()
 
     async def _wait_drained(self) -> None:
@@ -453,8 +462,10 @@ class AsyncEngine:
         logger.error("engine step failed; failing every request", exc_info=exc)
         self._lifecycle.fail(exc)
         for req in list(self._requests.values()):
-            req.error = exc
-            req.finish("abort")
+            for choice in req.choices:
+                if not choice.is_finished:  # a choice that ended before keeps its result
+                    choice.error = exc
+                    choice.finish("abort")
             self._notify(req)
         self._requests.clear()
         self._note_if_drained()
@@ -468,6 +479,11 @@ class AsyncEngine:
         if req.waiter is not None:
             req.waiter.set()
             req.waiter = None
+
+
+def _choice_label(req: Request) -> str:
+    """ "choice <i> " for a choice of an n > 1 request (they share its id), else ""."""
+    return f"choice {req.choice} " if req.params.n > 1 else ""
 
 
 def _log_request(level: int, req: Request, message: str, *args: object) -> None:

@@ -6,6 +6,7 @@ handful of vectorised operations, and `device_step` moves those in one non-block
 dtype (through pinned memory on CUDA), so building step N+1 never waits for step N. This runs
 every step for every sequence: it is kept lean. Under tensor parallelism the `HostStep` is
 what rank 0 sends the other ranks, which run `device_step` on it themselves.
+Penalties add their per-row values and token lists only to steps where some row has one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from asyncllm.context import ForwardContext
 from asyncllm.kernels.base import AttentionBackend
-from asyncllm.layers.sampler import SamplingTensors
+from asyncllm.layers.sampler import PenaltyTensors, SamplingTensors
 from asyncllm.sampling import SamplingParams
 
 __all__ = [
@@ -51,6 +52,11 @@ class SampleSpec(NamedTuple):
     """Index of the token being drawn among the request's outputs (keys the random stream)."""
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be drawn now (EOS and stop ids while under min_tokens)."""
+    output_token_ids: Sequence[int] | np.ndarray = ()
+    """With penalties: the tokens generated so far that the host knows (a token still
+    pending on the device is added from there)."""
+    prompt_token_ids: Sequence[int] | np.ndarray = ()
+    """With a repetition penalty: the prompt's token ids (each distinct id once suffices)."""
 
 
 class SeqStep(NamedTuple):
@@ -91,6 +97,7 @@ class StepBatch:
         self.any_top_k_top_p = False
         self.any_min_p = False
         self.num_logprobs = -1
+        self.penalties = _PenaltyLists()
 
     @classmethod
     def from_steps(cls, steps: Sequence[SeqStep]) -> StepBatch:
@@ -119,6 +126,8 @@ class StepBatch:
         self.starts.append(start)
         self.tables.append(block_table)
         if sample is not None:
+            if sample.params.has_penalties:
+                self.penalties.add(len(self.seeds), sample, pending_row)
             self._add_sample(sample)
 
     def _add_sample(self, sample: SampleSpec) -> None:
@@ -142,6 +151,65 @@ class StepBatch:
         self.any_min_p = self.any_min_p or p.min_p > 0.0
         if p.logprobs is not None:
             self.num_logprobs = max(self.num_logprobs, p.logprobs)
+
+
+class _PenaltyLists:
+    """The penalised rows of a step: their values and the tokens each has seen."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.presence: list[float] = []
+        self.frequency: list[float] = []
+        self.repetition: list[float] = []
+        self.output_tokens: list[np.ndarray] = []
+        self.output_lens: list[int] = []
+        self.num_output_tokens = 0
+        self.prompt_tokens: list[np.ndarray] = []
+        self.prompt_lens: list[int] = []
+        self.pending_index: list[int] = []
+        self.pending_src: list[int] = []
+
+    def add(self, row: int, sample: SampleSpec, pending_row: int | None) -> None:
+        p = sample.params
+        self.rows.append(row)
+        self.presence.append(p.presence_penalty)
+        self.frequency.append(p.frequency_penalty)
+        self.repetition.append(p.repetition_penalty)
+        outputs = np.asarray(sample.output_token_ids, np.int64)
+        if pending_row is not None:
+            # The sequence's newest output is this step's pending input: the runner copies
+            # it here on the device, as it does for the input ids.
+            self.pending_index.append(self.num_output_tokens + len(outputs))
+            self.pending_src.append(pending_row)
+            outputs = np.append(outputs, 0)
+        self.output_tokens.append(outputs)
+        self.output_lens.append(len(outputs))
+        self.num_output_tokens += len(outputs)
+        prompt = sample.prompt_token_ids if p.repetition_penalty != 1.0 else ()
+        self.prompt_tokens.append(np.asarray(prompt, np.int64))
+        self.prompt_lens.append(len(prompt))
+
+    def int_arrays(self) -> dict[str, np.ndarray]:
+        rows = np.array(self.rows, np.int64)
+        return {
+            "output_rows": np.repeat(rows, self.output_lens),
+            "output_tokens": np.concatenate(self.output_tokens),
+            "prompt_rows": np.repeat(rows, self.prompt_lens),
+            "prompt_tokens": np.concatenate(self.prompt_tokens),
+            "pending_index": np.array(self.pending_index, np.int64),
+            "pending_src": np.array(self.pending_src, np.int64),
+        }
+
+    def float_rows(self, num_rows: int) -> list[np.ndarray]:
+        """[presence, frequency, repetition], each over every sampled row (the neutral 0, 0,
+        1 for rows without penalties)."""
+        values: list[np.ndarray] = []
+        for given, neutral in ((self.presence, 0.0), (self.frequency, 0.0),
+                               (self.repetition, 1.0)):  # fmt: skip
+            row_values = np.full(num_rows, neutral, np.float32)
+            row_values[self.rows] = given
+            values.append(row_values)
+        return values
 
 
 class PreparedStep(NamedTuple):
@@ -225,7 +293,9 @@ class HostStep(NamedTuple):
     """int32 parts, likewise."""
     int32_sizes: dict[str, int]
     floats: np.ndarray
-    """float32 [rows, num_sampled]: temperature, top-p, min-p."""
+    """float32 [rows, columns]: temperature, top-p, min-p, then on penalised steps presence,
+    frequency and repetition penalty; a column per sampled row (`int_sizes["seeds"]`), padded
+    to a multiple of 4 so that every row starts 16-byte aligned."""
     meta: StepMeta
 
 
@@ -263,7 +333,14 @@ def pack_step(batch: StepBatch, block_size: int) -> HostStep:
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    floats = np.array([batch.temperatures, batch.top_ps, batch.min_ps], np.float32)
+    float_rows: list[Sequence[float] | np.ndarray] = [
+        batch.temperatures,
+        batch.top_ps,
+        batch.min_ps,
+    ]
+    if batch.penalties.rows:  # steps without penalties build and send nothing for them
+        ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
+        float_rows.extend(batch.penalties.float_rows(len(batch.seeds)))
     meta = StepMeta(
         num_seqs=len(q_lens),
         table_width=tables.shape[1],
@@ -276,7 +353,7 @@ def pack_step(batch: StepBatch, block_size: int) -> HostStep:
         any_min_p=batch.any_min_p,
     )
     return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
-                    floats.reshape(3, -1), meta)  # fmt: skip
+                    _pack_rows(float_rows), meta)  # fmt: skip
 
 
 def device_step(
@@ -290,7 +367,7 @@ def device_step(
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _unpack(to_device(host.ints), host.int_sizes)
     views32 = _unpack(to_device(host.int32s), host.int32_sizes)
-    f32 = to_device(host.floats)
+    f32 = to_device(host.floats)[:, : host.int_sizes["seeds"]]  # one column per sampled row
     meta = host.meta
     ctx = ForwardContext(
         positions=views["positions"],
@@ -364,6 +441,20 @@ def _pack(parts: dict[str, np.ndarray]) -> np.ndarray:
     return flat
 
 
+_NUM_SAMPLING_ROWS = 3
+"""Float rows every step has (temperature, top-p, min-p); penalised steps add three more."""
+
+
+def _pack_rows(rows: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
+    """`rows` (equally long) as float32 [len(rows), padded]: the padding makes each row start
+    16-byte aligned, as `_pack` does for its parts (Triton specialises on alignment)."""
+    width = len(rows[0])
+    out = np.zeros((len(rows), _round_up(max(width, 1), _ALIGN_BYTES // 4)), np.float32)
+    for index, row in enumerate(rows):
+        out[index, :width] = row
+    return out
+
+
 def _sizes(parts: dict[str, np.ndarray]) -> dict[str, int]:
     return {name: array.size for name, array in parts.items()}
 
@@ -377,9 +468,26 @@ def _unpack(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor
     return views
 
 
+def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {prefix + name: array for name, array in arrays.items()}
+
+
 def _sampling(
     meta: StepMeta, views: dict[str, torch.Tensor], floats: torch.Tensor
 ) -> SamplingTensors:
+    penalties = None
+    if len(floats) > _NUM_SAMPLING_ROWS:  # a penalised step (see `pack_step`)
+        penalties = PenaltyTensors(
+            presence=floats[_NUM_SAMPLING_ROWS],
+            frequency=floats[_NUM_SAMPLING_ROWS + 1],
+            repetition=floats[_NUM_SAMPLING_ROWS + 2],
+            output_rows=views["penalty_output_rows"],
+            output_tokens=views["penalty_output_tokens"],
+            prompt_rows=views["penalty_prompt_rows"],
+            prompt_tokens=views["penalty_prompt_tokens"],
+            pending_index=views["penalty_pending_index"],
+            pending_src=views["penalty_pending_src"],
+        )
     return SamplingTensors(
         temperatures=floats[0],
         top_k=views["top_k"],
@@ -393,4 +501,5 @@ def _sampling(
         any_top_k_top_p=meta.any_top_k_top_p,
         any_min_p=meta.any_min_p,
         num_logprobs=meta.num_logprobs,
+        penalties=penalties,
     )

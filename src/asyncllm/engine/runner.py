@@ -251,7 +251,8 @@ class ModelRunner:
             tables.append(list(range(next_block, next_block + count)))
             next_block += count
         self._bind_kv_cache(next_block)
-        worst = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, logprobs=20)
+        worst = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, logprobs=20,
+                               repetition_penalty=1.1, frequency_penalty=0.1)  # fmt: skip
         steps = [SeqStep([0] * n, 0, t, SampleSpec(worst, 0, 0)) for n, t in zip(lengths, tables)]
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
@@ -283,10 +284,21 @@ class ModelRunner:
         model_limit = self.model_config.max_position_embeddings
         pool_tokens = self.num_kv_blocks * self.block_size
         asked = self.config.max_model_len
+        window = self.model_config.sliding_window
         if asked is None:
+            if window is not None and window < min(model_limit, pool_tokens):
+                # Within the window sliding attention is full attention: serve that much.
+                logger.warning("max_model_len capped at config.json's sliding_window, %d", window)
+                return window
             return min(model_limit, pool_tokens)
         if asked > model_limit:
             raise ConfigError(f"max_model_len {asked} exceeds the model's limit {model_limit}")
+        if window is not None and asked > window:
+            raise ConfigError(
+                f"max_model_len {asked} exceeds the sliding_window {window} of config.json: "
+                "sliding-window attention is not supported; use max_model_len <= "
+                f"{window}, where it equals full attention"
+            )
         if asked > pool_tokens:
             raise ConfigError(
                 f"max_model_len {asked} does not fit the KV pool ({pool_tokens} tokens); "
@@ -329,6 +341,7 @@ class ModelRunner:
             if prepared.pending_dst is not None:
                 assert previous is not None, "a pending token needs the step that drew it"
                 input_ids[prepared.pending_dst] = previous.token_ids[prepared.pending_src]
+                _fill_pending_outputs(prepared, previous)
             logits = self._logits(prepared, input_ids)
             if not self.tp.is_driver:
                 return LaunchedStep(self._receive_tokens(prepared), None, None)
@@ -410,6 +423,13 @@ def _wait_for_stream(stream: torch.cuda.Stream, timeout_s: float) -> None:
             logger.error("launched work still runs on %s after %g s", stream.device, timeout_s)
             return
         time.sleep(0.001)
+
+
+def _fill_pending_outputs(prepared: PreparedStep, previous: LaunchedStep) -> None:
+    """Penalised rows count their newest output too, which is still on the device."""
+    penalties = prepared.sampling.penalties
+    if penalties is not None and penalties.pending_index.numel():
+        penalties.output_tokens[penalties.pending_index] = previous.token_ids[penalties.pending_src]
 
 
 def _new_stream(device: torch.device) -> torch.cuda.Stream:

@@ -127,12 +127,17 @@ class LLM:
             tasks.append(task)
             task.add_done_callback(lambda done: _settle(outcome, done))
 
-        def cancel() -> None:  # on the loop thread, after start()
+        def cancel() -> None:  # on the loop thread, after start() if that was queued at all
             for task in tasks:
                 task.cancel()
+            if not tasks and not outcome.done():  # interrupted before start() was queued
+                outcome.cancel()
+                outcome.set_running_or_notify_cancel()
 
-        self._loop.call_soon_threadsafe(start)
         try:
+            # Inside the try: Ctrl-C can land while this call writes to the loop's self-pipe,
+            # after start() is queued (callbacks run in order, so cancel() comes after it).
+            self._loop.call_soon_threadsafe(start)
             return outcome.result()
         except BaseException:
             if not outcome.done():  # this thread was interrupted, the task is still running

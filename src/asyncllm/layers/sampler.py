@@ -1,4 +1,5 @@
-"""Vectorised sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Vectorised sampling: penalties, greedy, temperature, top-k, top-p, min-p, per-request seeds,
+logprobs.
 
 Randomness comes from a counter-based hash of (request seed, output index, token id) rather
 than a stateful generator, so a request's tokens depend only on its own seed and logits:
@@ -15,9 +16,46 @@ from torch import nn
 
 from asyncllm.sampling import GREEDY_TEMPERATURE
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingTensors", "uniform_noise"]
+__all__ = [
+    "PenaltyTensors",
+    "Sampler",
+    "SamplerOutput",
+    "SamplingTensors",
+    "apply_penalties",
+    "uniform_noise",
+]
 
 _MASK32 = 0xFFFFFFFF
+
+
+class PenaltyTensors(NamedTuple):
+    """Per-row presence / frequency / repetition penalties, and the tokens they apply to.
+
+    Only built for steps where some row has a penalty (rows without one carry the neutral
+    0, 0, 1). Token occurrences travel as flat (row, token id) pairs; the sampler turns them
+    into dense [S, V] counts with one scatter.
+    """
+
+    presence: torch.Tensor  # [S] float32; 0 = off
+    frequency: torch.Tensor  # [S] float32; 0 = off
+    repetition: torch.Tensor  # [S] float32; 1 = off
+    output_rows: torch.Tensor  # [M] int64: one (row, token) pair per generated token so far
+    output_tokens: torch.Tensor  # [M] int64
+    prompt_rows: torch.Tensor  # [P] int64: (row, token) pairs of prompt tokens (repetition)
+    prompt_tokens: torch.Tensor  # [P] int64
+    pending_index: torch.Tensor  # [K] int64: entries of output_tokens still on the device...
+    pending_src: torch.Tensor  # [K] int64: ...filled from these rows of the previous step
+
+    def counts(self, rows: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S, V] int32 count of each token among each row's generated tokens, and the
+        [S, V] bool mask of tokens in each row's prompt."""
+        device = self.presence.device
+        counts = torch.zeros(rows, vocab, dtype=torch.int32, device=device)
+        ones = torch.ones_like(self.output_tokens, dtype=torch.int32)
+        counts.index_put_((self.output_rows, self.output_tokens), ones, accumulate=True)
+        in_prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        in_prompt[self.prompt_rows, self.prompt_tokens] = True
+        return counts, in_prompt
 
 
 class SamplingTensors(NamedTuple):
@@ -35,6 +73,7 @@ class SamplingTensors(NamedTuple):
     any_top_k_top_p: bool
     any_min_p: bool
     num_logprobs: int  # most top-n asked for by any row; -1 = none asked
+    penalties: PenaltyTensors | None = None  # None: no row of the step has a penalty
 
 
 class SamplerOutput(NamedTuple):
@@ -51,15 +90,21 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, params: SamplingTensors) -> SamplerOutput:
         model_logits = logits  # logprobs report the model's distribution, before any ban
+        # or penalty
         if params.banned_rows.numel():
             logits = logits.clone()  # the logits may be a CUDA graph's output buffer
             logits[params.banned_rows, params.banned_tokens] = float("-inf")
         if logits.is_cuda and not (params.any_top_k_top_p or params.any_min_p):
-            # One fused pass over the logits serves greedy and temperature rows alike.
+            # One fused pass over the logits serves greedy and temperature rows alike (and
+            # applies the penalties on the fly).
             from asyncllm.kernels.triton_sampling import gumbel_argmax
 
-            tokens = gumbel_argmax(logits, params.temperatures, params.seeds, params.offsets)
+            tokens = gumbel_argmax(
+                logits, params.temperatures, params.seeds, params.offsets, params.penalties
+            )
         else:
+            if params.penalties is not None:
+                logits = apply_penalties(logits, params.penalties)
             logits = logits.float()
             greedy = logits.argmax(dim=-1)
             if params.all_greedy:
@@ -69,13 +114,31 @@ class Sampler(nn.Module):
                 tokens = torch.where(is_greedy, greedy, _sample(logits, params))
         if params.num_logprobs < 0:
             return SamplerOutput(tokens, None, None, None)
-        # Logprobs of the model's own distribution (before temperature, filters and the
-        # min_tokens bans), as in vLLM: a banned EOS must not inflate every other token's.
+        # Logprobs of the model's own distribution (before penalties, temperature, filters
+        # and the min_tokens bans), as in vLLM: a banned EOS must not inflate every other token's.
         logp = torch.log_softmax(model_logits.float(), dim=-1)
         # A vocabulary smaller than the top-n asked for gives all of it, not a topk error.
         top_logprobs, top_ids = logp.topk(min(params.num_logprobs, logp.shape[-1]), dim=-1)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, penalties: PenaltyTensors) -> torch.Tensor:
+    """float32 logits with each row's penalties applied (a new tensor).
+
+    Repetition first (HF / vLLM): a token seen in the prompt or the output has its logit
+    divided by the penalty when positive, multiplied when negative. Then OpenAI's frequency
+    and presence penalties: minus frequency * count, minus presence once if count > 0, over
+    the generated tokens only. Rows with neutral values come out bit-identical.
+    """
+    counts, in_prompt = penalties.counts(logits.shape[0], logits.shape[1])
+    logits = logits.float()
+    generated = counts > 0
+    repetition = penalties.repetition[:, None]
+    repeated = torch.where(logits < 0, logits * repetition, logits / repetition)
+    logits = torch.where(in_prompt | generated, repeated, logits)
+    logits = logits - penalties.frequency[:, None] * counts
+    return logits - penalties.presence[:, None] * generated
 
 
 def _sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:

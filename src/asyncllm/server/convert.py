@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from asyncllm.engine.core import Prompt
 from asyncllm.errors import InvalidRequestError
-from asyncllm.outputs import RequestOutput, StreamToken, TokenLogprobs
+from asyncllm.outputs import CompletionChoice, RequestOutput, StreamToken, TokenLogprobs
 from asyncllm.sampling import MAX_LOGPROBS, SamplingParams
 from asyncllm.server.errors import APIError
 from asyncllm.server.protocol import (
@@ -176,23 +176,14 @@ def _sampling_params(request: Any, max_tokens: int | None, logprobs: int | None)
 # ---- finished outputs ------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Choice:
-    """One choice of a finished request (the engine's `CompletionChoice`)."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    logprobs: list[TokenLogprobs] | None
-
-
-def choices_of(output: RequestOutput) -> Sequence[Choice]:
-    """The choices of `output` (one unless the request asked for `n`)."""
-    engine_choices = getattr(output, "choices", None)
-    if engine_choices:
-        return engine_choices  # type: ignore[no-any-return]
-    return (Choice(0, output.token_ids, output.text, output.finish_reason, output.logprobs),)
+def choices_of(output: RequestOutput) -> Sequence[CompletionChoice]:
+    """The choices of `output` (one unless the request asked for `n`; an output built by
+    hand without `choices` is its own choice 0)."""
+    if output.choices:
+        return output.choices
+    only = CompletionChoice(0, output.token_ids, output.text, output.finish_reason,
+                            output.logprobs)  # fmt: skip
+    return (only,)
 
 
 def usage(outputs: Sequence[RequestOutput]) -> UsageInfo:
@@ -372,7 +363,7 @@ def _by_choice(
         return
     groups: dict[int, list[StreamToken]] = {}
     for token in tokens:
-        groups.setdefault(getattr(token, "choice", 0), []).append(token)
+        groups.setdefault(token.choice, []).append(token)
     yield from groups.items()
 
 

@@ -98,16 +98,11 @@ def from_engine_error(exc: errors.AsyncLLMError) -> APIError:
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, errors.InvalidRequestError):
         return APIError(400, str(exc))
-    if _is_overloaded(exc):
+    if isinstance(exc, errors.EngineOverloadedError):
         return APIError(503, str(exc), code="overloaded", headers=_retry_after())
     if isinstance(exc, errors.EngineError):
         return APIError(503, f"the engine is not serving: {exc}", headers=_retry_after())
     return APIError(500, str(exc))
-
-
-def _is_overloaded(exc: BaseException) -> bool:
-    overloaded = getattr(errors, "EngineOverloadedError", None)
-    return overloaded is not None and isinstance(exc, overloaded)
 
 
 def _retry_after() -> dict[str, str]:
