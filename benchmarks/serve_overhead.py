@@ -47,7 +47,7 @@ def stub_engine(streams: int) -> AsyncEngine:
     )  # fmt: skip
 
 
-async def serve(port: int, streams: int) -> None:
+async def serve(port: int, streams: int, max_event_rate: float) -> None:
     """The child process: the stubbed engine behind the real app, on uvicorn."""
     import uvicorn
 
@@ -57,8 +57,8 @@ async def serve(port: int, streams: int) -> None:
     async with engine:
         runner: Any = engine._core.runner
         runner.launch = stub_launch
-        config = uvicorn.Config(create_app(engine), port=port, log_level="warning",
-                                access_log=False)  # fmt: skip
+        app = create_app(engine, max_event_rate=max_event_rate)
+        config = uvicorn.Config(app, port=port, log_level="warning", access_log=False)
         await uvicorn.Server(config).serve()
 
 
@@ -88,8 +88,10 @@ def over_http(args: argparse.Namespace) -> float:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port),
-                              "--streams", str(args.streams)])  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--streams", str(args.streams),
+         "--max-event-rate", str(args.max_event_rate)]
+    )  # fmt: skip
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", child)
         before = _child_cpu_s(child.pid)
@@ -147,10 +149,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=128, help="concurrent streams")
     parser.add_argument("--output-len", type=int, nargs=2, default=(100, 200),
                         metavar=("MIN", "MAX"), help="tokens per stream, uniform")  # fmt: skip
+    parser.add_argument("--max-event-rate", type=float, default=5_000.0,
+                        help="the server's max_event_rate (0: one event per token)")  # fmt: skip
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        run(serve(args.serve, args.streams))
+        run(serve(args.serve, args.streams, args.max_event_rate))
         return
     result = {"in_process_us_per_token": run(in_process(args)),
               "http_server_us_per_token": over_http(args)}  # fmt: skip

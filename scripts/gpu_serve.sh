@@ -2,8 +2,9 @@
 # The serving benchmark on an offline GPU machine whose python3 has CUDA torch:
 # Qwen3-0.6B's shape (random bf16 weights), 256 requests of U[100, 1024] prompt and output
 # tokens sent at once to `asyncllm serve` (a child process) as 256 concurrent streams, then
-# the same load on an in-process AsyncEngine; the burst again with 4 tokens per event; then
-# a Poisson run for latencies. Target: output tok/s through HTTP >= 90% of the in-process
+# the same load on an in-process AsyncEngine (the server paces its events: the default
+# --max-event-rate); the burst again with one event per token; then a Poisson run for
+# latencies. Target: output tok/s through HTTP >= 90% of the in-process
 # streams. Takes about 5 minutes (four model loads).
 #
 #   bash scripts/gpu_serve.sh          # JSON and logs go to $OUT (default /tmp/asyncllm-out)
@@ -36,11 +37,11 @@ status=0
 python3 -m asyncllm bench serve --model "$MODEL" --num-requests 256 --request-rate inf \
   --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 --compare-in-process \
   --no-progress --out "$OUT/serve-burst.json" 2>&1 | tee "$OUT/serve-burst.log" || status=1
-# 2. The same burst with 4 tokens per event (asyncllm serve --stream-interval 4).
+# 2. The same burst with one event per token whatever the load (--max-event-rate 0).
 python3 -m asyncllm bench serve --model "$MODEL" --num-requests 256 --request-rate inf \
-  --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 --stream-interval 4 \
-  --no-progress --out "$OUT/serve-burst-interval4.json" 2>&1 \
-  | tee "$OUT/serve-burst-interval4.log" || status=1
+  --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 --max-event-rate 0 \
+  --no-progress --out "$OUT/serve-burst-per-token.json" 2>&1 \
+  | tee "$OUT/serve-burst-per-token.log" || status=1
 # 3. Poisson arrivals at 16 requests/s: latencies below saturation.
 python3 -m asyncllm bench serve --model "$MODEL" --num-requests 256 --request-rate 16 \
   --prompt-len 100 1024 --output-len 100 1024 --temperature 0.6 \

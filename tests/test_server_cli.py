@@ -54,7 +54,10 @@ def test_every_option_of_every_command_is_explained() -> None:
 
 
 def test_serve_help_lists_the_server_and_engine_options() -> None:
+    from asyncllm.server.app import DEFAULT_MAX_EVENT_RATE
+
     text = dict(subcommands(build_parser()))["asyncllm serve"].format_help()
+    assert f"(default: {DEFAULT_MAX_EVENT_RATE:.0f})" in " ".join(text.split())
     for option in (
         "--host",
         "--port",

@@ -376,10 +376,27 @@ def test_a_stream_interval_gathers_tokens_into_fewer_events() -> None:
     assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
 
 
+def test_a_low_event_rate_spaces_events_out_but_loses_nothing() -> None:
+    engine = AsyncEngine.from_pretrained(None, device="cpu", num_kv_blocks=64)
+    body = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "stream": True,
+            "temperature": 0, "logprobs": 0}  # fmt: skip
+    # One stream at 10 events a second: an event every 0.1 s, a token every few ms.
+    with serve_in_thread(create_app(engine, max_event_rate=10)) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            chunks = [json.loads(p)["choices"][0] for p in sse_data(response)[:-1]]
+        whole = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}).json()
+    sizes = [len(c["logprobs"]["tokens"]) for c in chunks]
+    assert sizes[0] == 1 and sum(sizes) == 40  # the first token at once
+    assert max(sizes[1:]) > 1  # later events gathered the tokens of several steps
+    assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("served_model_name", ""), ("api_key", ""), ("api_key", 5), ("max_body_bytes", 0),
-     ("max_body_bytes", True), ("stream_interval", 0), ("stream_interval", 1.5)],
+     ("max_body_bytes", True), ("stream_interval", 0), ("stream_interval", 1.5),
+     ("max_event_rate", -1), ("max_event_rate", "fast")],
 )  # fmt: skip
 def test_create_app_refuses_bad_options_naming_them(option: str, value: Any) -> None:
     engine = AsyncEngine.from_pretrained(None, device="cpu")

@@ -313,6 +313,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "the server less per token, at the price of burstier streams (default: 1)",
     )
     p.add_argument(
+        "--max-event-rate",
+        type=float,
+        default=None,
+        help="streamed events a second over all streams before each stream's events are "
+        "spaced out to carry several tokens (the server's thread is the engine's; 0: one "
+        "event per token always) (default: 5000)",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,

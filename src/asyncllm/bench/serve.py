@@ -189,6 +189,7 @@ def summarize(results: Sequence[RequestResult], elapsed_s: float) -> dict[str, A
         "output_tokens": output_tokens,
         "request_throughput": len(done) / elapsed_s,
         "output_throughput": output_tokens / elapsed_s,
+        "tokens_per_chunk": output_tokens / max(1, sum(len(r.chunk_times) for r in done)),
     }
     for name, values in (
         ("ttft", ttfts),
@@ -225,6 +226,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     rows.append(("duration (s)", *(f"{r['duration_s']:.2f}" for r in runs.values())))
     rows.append(("requests/s", *(f"{r['request_throughput']:.2f}" for r in runs.values())))
     rows.append(("output tok/s", *(f"{r['output_throughput']:,.0f}" for r in runs.values())))
+    rows.append(("tokens per chunk", *(f"{r['tokens_per_chunk']:.2f}" for r in runs.values())))
     for metric in ("ttft", "tpot", "itl", "e2el"):
         for stat in ("mean", "median", "p99"):
             label = f"{metric.upper()} {stat} (ms)"
@@ -297,6 +299,8 @@ def child_server(args: argparse.Namespace) -> Iterator[str]:
         "--stream-interval",
         str(args.stream_interval),
     ]
+    if args.max_event_rate is not None:
+        command += ["--max-event-rate", str(args.max_event_rate)]
     command += [*([args.model] if args.model else []), *engine_flags(engine_overrides(args))]
     server = subprocess.Popen(command, env={**os.environ, "ASYNCLLM_API_KEY": args.api_key or ""})
     url = f"http://127.0.0.1:{port}"
@@ -409,6 +413,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="the started server's --stream-interval: fewest tokens per event (default: 1)",
     )
     p.add_argument(
+        "--max-event-rate",
+        type=float,
+        default=None,
+        help="the started server's --max-event-rate (default: the server's, 5000)",
+    )
+    p.add_argument(
         "--compare-in-process",
         action="store_true",
         help="also run the workload on an AsyncEngine in this process (after the "
@@ -428,7 +438,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _run(args: argparse.Namespace) -> int:
     workload = make_workload(args, _vocab_size(args.model))
     result: dict[str, Any] = {
-        "server": {"url": args.url, "stream_interval": None if args.url else args.stream_interval},
+        "server": {
+            "url": args.url,
+            "stream_interval": None if args.url else args.stream_interval,
+            "max_event_rate": None if args.url else args.max_event_rate,
+        },
         "workload": {
             "requests": len(workload.prompts),
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",

@@ -7,7 +7,7 @@ import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ from asyncllm.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from asyncllm.server.streaming import Emit, EventStreamResponse, run_unless_disconnected
+from asyncllm.server.streaming import Emit, EventStreamResponse, Pacer, run_unless_disconnected
 
 __all__ = ["ServerContext", "build_router"]
 
@@ -53,6 +53,8 @@ class ServerContext:
     """Renders the Prometheus exposition: (body, content type)."""
     stream_interval: int = 1
     """Fewest tokens per streamed event (the first and the last go out at once)."""
+    pacer: Pacer = field(default_factory=lambda: Pacer(0))
+    """Spaces the events of many concurrent streams (see `Pacer`)."""
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -88,7 +90,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             )
 
             async def produce(emit: Emit) -> None:
-                await _stream_all(streams, events.events, emit, ctx.stream_interval)
+                await _stream_all(streams, events.events, emit, ctx, params.n)
                 if include_usage:
                     await emit(events.usage_event([s.output() for s in streams]))
 
@@ -127,7 +129,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             async def produce(emit: Emit) -> None:
                 await emit(events.first_events())
                 await _stream_all(
-                    streams, lambda _, tokens: events.events(tokens), emit, ctx.stream_interval
+                    streams, lambda _, tokens: events.events(tokens), emit, ctx, params.n
                 )
                 if include_usage:
                     await emit(events.usage_event([streams[0].output()]))
@@ -236,23 +238,31 @@ async def _stream_all(
     streams: Sequence[RequestStream],
     render: Callable[[int, list[StreamToken]], str],
     emit: Emit,
-    interval: int,
+    ctx: ServerContext,
+    choices: int,
 ) -> None:
-    """Emit `render(prompt_index, tokens)` for the tokens of every stream, at least
-    `interval` tokens an event but for the first and the last; the streams are aborted if
-    this ends early (cancelled, or the client is gone)."""
+    """Emit `render(prompt_index, tokens)` for the tokens of every stream: at least
+    `ctx.stream_interval` tokens an event but for the first and the last, spaced by
+    `ctx.pacer`. The streams are aborted if this ends early (cancelled, or the client left).
+    """
+    interval, pacer = ctx.stream_interval, ctx.pacer
 
     async def pump(index: int, put: Emit) -> None:
         pending: list[StreamToken] = []
         first = True
-        async with streams[index] as stream:
-            async for tokens in stream.chunks():  # a slow client gets fewer, larger events
-                pending += tokens
-                if first or len(pending) >= interval:
+        pacer.active += choices
+        try:
+            async with streams[index] as stream:
+                async for tokens in stream.chunks():  # after a pause: every token since
+                    pending += tokens
+                    if first or len(pending) >= interval:
+                        await put(render(index, pending))
+                        pending, first = [], False
+                        await pacer.pause()
+                if pending:
                     await put(render(index, pending))
-                    pending, first = [], False
-            if pending:
-                await put(render(index, pending))
+        finally:
+            pacer.active -= choices
 
     if len(streams) == 1:
         await pump(0, emit)

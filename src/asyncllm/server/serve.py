@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from asyncllm.engine.async_engine import AsyncEngine
-from asyncllm.server.app import create_app
+from asyncllm.server.app import DEFAULT_MAX_EVENT_RATE, create_app
 
 __all__ = ["API_KEY_ENV", "serve"]
 
@@ -36,6 +36,9 @@ def serve(args: argparse.Namespace, engine_overrides: dict[str, Any]) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=args.max_body_bytes,
         stream_interval=args.stream_interval,
+        max_event_rate=DEFAULT_MAX_EVENT_RATE
+        if args.max_event_rate is None
+        else args.max_event_rate,
     )
     config = uvicorn.Config(
         app,

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from asyncllm.errors import AsyncLLMError
 from asyncllm.server.errors import APIError, from_engine_error
 
-__all__ = ["Emit", "EventStreamResponse", "run_unless_disconnected"]
+__all__ = ["Emit", "EventStreamResponse", "Pacer", "run_unless_disconnected"]
 
 logger = logging.getLogger("asyncllm.server")
 
@@ -34,6 +34,33 @@ _HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",  # proxies like nginx must not buffer the events
 }
+
+
+class Pacer:
+    """Spaces each stream's events so that all streams together send about `max_event_rate`
+    events a second at most.
+
+    Every event costs the server's thread, which is also the engine's, the same CPU time
+    whatever it carries (waking the reader, framing, a socket write). With few streams every
+    token goes out at once; with many, a stream sleeps between events and its next event
+    carries the tokens of the steps it slept through, so the HTTP work per second stays
+    bounded while the engine keeps its pace. 0 turns pacing off (one event per step).
+    """
+
+    def __init__(self, max_event_rate: float) -> None:
+        self.max_event_rate = max_event_rate
+        self.active = 0
+        """Streams being sent now (a request with n choices counts n times)."""
+
+    def gap_s(self) -> float:
+        """How long a stream should wait after an event, given how many are active."""
+        return self.active / self.max_event_rate if self.max_event_rate > 0 else 0.0
+
+    async def pause(self) -> None:
+        """Sleep out the gap (no pause under a millisecond: steps are slower than that)."""
+        gap = self.gap_s()
+        if gap >= 1e-3:
+            await anyio.sleep(gap)
 
 
 class EventStreamResponse(Response):
