@@ -25,8 +25,10 @@ OPENERS = ["Once upon a time", "One day", "The little cat", "A big red ball", "T
 async def one_client(client: httpx.AsyncClient, rng: random.Random, index: int) -> str:
     """Stream a completion; a deserter hangs up after a random number of events. Returns
     how it ended."""
-    max_tokens = rng.randint(4, 24)
-    leave_after = rng.randrange(max_tokens) if index % 3 == 0 else None
+    max_tokens = rng.randint(8, 24)
+    # Before the first token, or after one or two events: however the server gathers tokens
+    # into events, a stream of 8+ tokens has at least two, then the usage and [DONE].
+    leave_after = rng.randrange(3) if index % 3 == 0 else None
     body = {
         "prompt": rng.choice(OPENERS),
         "max_tokens": max_tokens,
