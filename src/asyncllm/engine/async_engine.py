@@ -432,7 +432,8 @@ class AsyncEngine:
                         if req.is_finished:
                             self._on_finished(req)
             await anyio.lowlevel.checkpoint()
-        self._core.end_step(step)
+        with self._core.clock("process"):
+            self._core.end_step(step)
 
     def _on_finished(self, req: Request) -> None:
         _log_request(
