@@ -184,8 +184,9 @@ def measure_engine_loop(
         raise ValueError(f"readers must be one of {READER_MODES}, got {readers!r}")
 
     def stub_launch(prepared: Any, previous: Any) -> LaunchedStep:
-        tokens = torch.randint(5, 1000, (prepared.sampling.seeds.shape[0],))
-        return LaunchedStep(tokens, SamplerOutput(tokens, None, None, None), None)
+        rows = prepared.sampling.seeds.shape[0]
+        tokens = torch.randint(5, 1000, (rows * prepared.num_steps,))
+        return LaunchedStep(tokens[-rows:], SamplerOutput(tokens, None, None, None), None)
 
     async def run() -> dict[str, Any]:
         engine = AsyncEngine.from_pretrained(

@@ -68,6 +68,11 @@ class BlockManager:
         return len(self._free)
 
     @property
+    def num_unused_blocks(self) -> int:
+        """Blocks `allocate` can hand out (free or evictable)."""
+        return len(self._free) + len(self._cached)
+
+    @property
     def num_cached_blocks(self) -> int:
         """Unreferenced blocks with reusable content."""
         return len(self._cached)

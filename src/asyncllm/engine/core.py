@@ -108,7 +108,10 @@ class EngineCore:
             self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens
+            self.blocks,
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+            self.config.num_decode_steps,
         )
 
     # ---- admission ---------------------------------------------------------------------------
@@ -242,9 +245,10 @@ class EngineCore:
         return self.runner.prepare(self._batch(step))
 
     def _batch(self, step: ScheduledStep) -> StepBatch:
-        batch, row = StepBatch(), 0
+        batch, row, run = StepBatch(step.num_steps), 0, step.num_steps
         for req, count, samples in zip(step.requests, step.num_tokens, step.samples):
-            start = req.num_computed_tokens - count
+            # A run's first step computes the first of the `run` tokens it adds.
+            start = req.num_computed_tokens - count * run
             tokens = req.token_ids[start : start + count]
             # A token drawn by the step before is not here yet: the runner takes it from the
             # device, from that step's row for this request.
@@ -254,7 +258,7 @@ class EngineCore:
                 pending_row = req.sample_row
             sample = None
             if samples:
-                drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - 1
+                drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - run
                 sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
                 if req.params.has_penalties:
                     sample = sample._replace(
@@ -268,10 +272,11 @@ class EngineCore:
     def sampled(
         self, step: ScheduledStep, result: StepResult
     ) -> list[tuple[Request, int, TokenLogprobs | None]]:
-        """The (request, token, logprobs) a completed step drew, in order."""
+        """The (request, token, logprobs) a completed step drew, in order (a run's tokens step
+        by step: every request's first token, then every request's second, ...)."""
         self._processed_step_id = step.step_id
         samplers = [req for req, samples in zip(step.requests, step.samples) if samples]
-        return list(zip(samplers, result.token_ids, result.logprobs))
+        return list(zip(samplers * step.num_steps, result.token_ids, result.logprobs))
 
     def apply(
         self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
@@ -285,7 +290,7 @@ class EngineCore:
 
     def end_step(self, step: ScheduledStep) -> None:
         """Book-keeping once all of a step's tokens are applied."""
-        self.num_steps += 1
+        self.num_steps += step.num_steps
         self.scheduler.after_step(step)
         self._release_deferred()
         if self._holding:

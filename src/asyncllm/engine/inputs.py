@@ -7,6 +7,10 @@ dtype (through pinned memory on CUDA), so building step N+1 never waits for step
 every step for every sequence: it is kept lean. Under tensor parallelism the `HostStep` is
 what rank 0 sends the other ranks, which run `device_step` on it themselves.
 Penalties add their per-row values and token lists only to steps where some row has one.
+
+A multi-step decode run (`StepBatch.num_steps` > 1) is packed as its first step;
+`next_decode_step` derives each following step's inputs on the device from the one before
+and the tokens it drew, so nothing crosses from the host between the steps of a run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "StepBatch",
     "StepMeta",
     "device_step",
+    "next_decode_step",
     "pack_step",
     "prepare_step",
 ]
@@ -75,9 +80,11 @@ class SeqStep(NamedTuple):
 
 
 class StepBatch:
-    """One step's sequences, accumulated in flat lists."""
+    """One step's sequences, accumulated in flat lists; `num_steps` > 1 makes it a decode
+    run (every sequence a sampling decode) of that many steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_steps: int = 1) -> None:
+        self.num_steps = num_steps
         self.tokens: list[int] = []
         self.q_lens: list[int] = []
         self.starts: list[int] = []
@@ -222,6 +229,8 @@ class PreparedStep(NamedTuple):
     pending_src: torch.Tensor | None
     """...and the rows of those tokens."""
     sampling: SamplingTensors
+    num_steps: int = 1
+    """Decode steps this launch runs (see `next_decode_step`)."""
 
 
 class PinnedStaging:
@@ -280,6 +289,7 @@ class StepMeta(NamedTuple):
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
+    num_steps: int = 1
 
 
 class HostStep(NamedTuple):
@@ -351,6 +361,7 @@ def pack_step(batch: StepBatch, block_size: int) -> HostStep:
         all_greedy=batch.all_greedy,
         any_top_k_top_p=batch.any_top_k_top_p,
         any_min_p=batch.any_min_p,
+        num_steps=batch.num_steps,
     )
     return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
                     _pack_rows(float_rows), meta)  # fmt: skip
@@ -389,7 +400,30 @@ def device_step(
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
         sampling=_sampling(meta, views, f32),
+        num_steps=meta.num_steps,
     )
+
+
+def next_decode_step(prepared: PreparedStep, drawn: torch.Tensor, block_size: int) -> PreparedStep:
+    """The next step of a decode run, on the device: each sequence computes the token it
+    just drew (`drawn`, one per row), one position further, into the slot its block table
+    gives; it draws output number offset + 1. (A run never crosses a block it does not hold,
+    min_tokens or a penalty: the bans carry over and there are no penalty counts to extend.)
+    """
+    ctx = prepared.ctx
+    positions = ctx.positions + 1
+    blocks = ctx.block_tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
+    ctx = dataclasses.replace(
+        ctx,
+        positions=positions,
+        slot_mapping=blocks.long() * block_size + positions % block_size,
+        seq_lens_k=ctx.seq_lens_k + 1,
+        max_seqlen_k=ctx.max_seqlen_k + 1,
+    )
+    ctx = dataclasses.replace(ctx, attn_metadata=ctx.attn_backend.build_metadata(ctx))
+    sampling = prepared.sampling._replace(offsets=prepared.sampling.offsets + 1)
+    return prepared._replace(ctx=ctx, input_ids=drawn, pending_dst=None, pending_src=None,
+                             sampling=sampling)  # fmt: skip
 
 
 def _block_tables(rows: list[Sequence[int]]) -> np.ndarray:
