@@ -87,11 +87,18 @@ _ENGINE_PHASES = ("schedule", "prepare", "launch", "process")
 class _StepCost:
     """The engine's own CPU seconds (of the loop thread) for one scheduled step, by phase."""
 
-    __slots__ = ("decode_only", "seconds")
+    __slots__ = ("decode_only", "num_steps", "seconds")
 
-    def __init__(self, decode_only: bool) -> None:
+    def __init__(self, decode_only: bool, num_steps: int) -> None:
         self.decode_only = decode_only
+        self.num_steps = num_steps
+        """Decode steps the launch ran (multi-step decode)."""
         self.seconds = dict.fromkeys(_ENGINE_PHASES, 0.0)
+
+    def per_step_ms(self, phase: str | None = None) -> float:
+        """CPU ms per decode step it ran, of one phase or all."""
+        seconds = self.seconds[phase] if phase else sum(self.seconds.values())
+        return seconds * 1e3 / self.num_steps
 
 
 class _StepCostRecorder:
@@ -114,7 +121,8 @@ class _StepCostRecorder:
             self._building = None
             if step is not None:
                 decode_only = all(count == 1 for count in step.num_tokens)
-                self._building = self.steps[step.step_id] = _StepCost(decode_only)
+                cost = _StepCost(decode_only, step.num_steps)
+                self._building = self.steps[step.step_id] = cost
             return step
 
         async def timed_process(step: Any, result: Any) -> None:
@@ -137,21 +145,23 @@ class _StepCostRecorder:
         core.schedule, core.clock, engine._process = timed_schedule, timed_clock, timed_process
 
     def summary(self, wall_s: float, cpu_s: float) -> dict[str, Any]:
-        """Median / p99 CPU ms of the engine's own work per decode step, and the CPU time
-        the loop thread spent on everything else (readers, the event loop, handing steps to
-        the worker thread) per step."""
+        """Median / p99 CPU ms of the engine's own work per decode step (a multi-step launch's
+        cost spread over its steps), and the CPU time the loop thread spent on everything
+        else (readers, the event loop, handing steps to the worker thread) per step."""
         decodes = [s for s in self.steps.values() if s.decode_only]
-        totals = [sum(s.seconds.values()) * 1e3 for s in decodes]
+
+        def per_decode_step(phase: str | None = None) -> list[float]:
+            return [s.per_step_ms(phase) for s in decodes for _ in range(s.num_steps)]
+
         engine_s = sum(sum(s.seconds.values()) for s in self.steps.values())
-        num_steps = len(self.steps)
-        phases = {
-            phase: statistics.median(s.seconds[phase] * 1e3 for s in decodes)
-            for phase in _ENGINE_PHASES
-        } if decodes else {}  # fmt: skip
+        num_steps = sum(s.num_steps for s in self.steps.values())
+        phases = {phase: statistics.median(per_decode_step(phase)) if decodes else float("nan")
+                  for phase in _ENGINE_PHASES}  # fmt: skip
         return {
+            "launches": len(self.steps),
             "steps": num_steps,
-            "decode_steps": len(decodes),
-            "engine_cpu_ms_per_decode_step": _median_p99(totals),
+            "decode_steps": sum(s.num_steps for s in decodes),
+            "engine_cpu_ms_per_decode_step": _median_p99(per_decode_step()),
             "phase_cpu_ms_per_decode_step": phases,
             "engine_cpu_ms_per_step": engine_s / num_steps * 1e3,
             "readers_and_loop_cpu_ms_per_step": (cpu_s - engine_s) / num_steps * 1e3,
@@ -256,6 +266,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="tokens per KV block (default: 16)")  # fmt: skip
     p.add_argument("--engine-loop", action="store_true",
                    help="also time the whole engine loop (stub model)")  # fmt: skip
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="with --engine-loop: EngineConfig.num_decode_steps")  # fmt: skip
     p.add_argument("--readers", nargs="+", choices=READER_MODES, default=list(READER_MODES),
                    help="with --engine-loop: how the outputs are read (default: all)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the result as JSON here")
@@ -265,7 +277,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _run(args: argparse.Namespace) -> int:
     result = measure(args.num_seqs, args.steps, args.block_size)
     if args.engine_loop:
-        loops = [measure_engine_loop(args.num_seqs, readers=mode) for mode in args.readers]
+        loops = [
+            measure_engine_loop(args.num_seqs, readers=mode, num_decode_steps=args.decode_steps)
+            for mode in args.readers
+        ]
         result["engine_loop"] = loops
     print(json.dumps(result, indent=2))
     if args.out:
