@@ -423,13 +423,17 @@ class AsyncEngine:
     async def _process(self, step: ScheduledStep, result: StepResult) -> None:
         """Hand a completed step's tokens to their streams, yielding every 64 requests."""
         now = time.monotonic()
-        sampled = self._core.sampled(step, result)
+        core = self._core
+        with core.clock("process"):
+            sampled = core.sampled(step, result)
         for start in range(0, len(sampled), 64):
-            with self._core.clock("process"):
-                for req, token_id, logprobs in sampled[start : start + 64]:
-                    if self._core.apply(req, token_id, logprobs, now):
-                        self._notify(req)
-                        if req.is_finished:
+            with core.clock("process"):
+                for drawn in sampled[start : start + 64]:
+                    if core.apply(drawn, now):
+                        req = drawn.request
+                        if req.waiter is not None:
+                            self._notify(req)
+                        if req.finish_reason is not None:
                             self._on_finished(req)
             await anyio.lowlevel.checkpoint()
         with self._core.clock("process"):

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import xxhash
@@ -38,13 +38,21 @@ from asyncllm.parallel import check_divisible
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL_DIR", "EngineCore", "Prompt"]
+__all__ = ["DEFAULT_MODEL_DIR", "Drawn", "EngineCore", "Prompt"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen3"
 
 Prompt = str | Sequence[int]
+
+
+class Drawn(NamedTuple):
+    """The tokens one step drew for one request (more than one from a decode run)."""
+
+    request: Request
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
 
 
 class EngineCore:
@@ -269,24 +277,42 @@ class EngineCore:
             batch.add(tokens, start, req.block_ids, pending_row, sample)
         return batch
 
-    def sampled(
-        self, step: ScheduledStep, result: StepResult
-    ) -> list[tuple[Request, int, TokenLogprobs | None]]:
-        """The (request, token, logprobs) a completed step drew, in order (a run's tokens step
-        by step: every request's first token, then every request's second, ...)."""
+    def sampled(self, step: ScheduledStep, result: StepResult) -> list[Drawn]:
+        """What a completed step drew for each request that sampled, in order (a decode run
+        gives each request its tokens of every step, in order)."""
         self._processed_step_id = step.step_id
         samplers = [req for req, samples in zip(step.requests, step.samples) if samples]
-        return list(zip(samplers * step.num_steps, result.token_ids, result.logprobs))
+        tokens, logprobs, rows = result.token_ids, result.logprobs, len(samplers)
+        if step.num_steps == 1:
+            return [Drawn(req, [t], [lp]) for req, t, lp in zip(samplers, tokens, logprobs)]
+        # The result lists the run step by step: a request's tokens are every rows-th.
+        return [
+            Drawn(req, tokens[row::rows], logprobs[row::rows]) for row, req in enumerate(samplers)
+        ]
 
-    def apply(
-        self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
-    ) -> bool:
-        """Give `req` a token its step drew; False when the request had ended meanwhile."""
-        req.num_pending_tokens -= 1
+    def apply(self, drawn: Drawn, now: float) -> bool:
+        """Give a request the tokens its step drew (as many as its stop rules and limit let
+        it keep); False when it had ended meanwhile."""
+        req, tokens = drawn.request, drawn.token_ids
+        req.num_pending_tokens -= len(tokens)
         if req.is_finished:  # aborted or stopped while the step ran
             return False
-        self._append(req, token_id, logprobs, now)
+        self._append(req, drawn, now)
         return True
+
+    def _append(self, req: Request, drawn: Drawn, now: float) -> None:
+        before = len(req.token_ids)
+        if req.decodes_lazily:
+            req.append_tokens(drawn.token_ids, drawn.logprobs, now)
+        else:
+            for token_id, logprobs in zip(drawn.token_ids, drawn.logprobs):
+                req.append_token(token_id, logprobs, now)
+                if req.is_finished:
+                    break  # a run's tokens after the stop are dropped
+        # max_tokens already respects max_model_len
+        self.generated_tokens += len(req.token_ids) - before
+        if req.is_finished:
+            self._release_when_idle(req)
 
     def end_step(self, step: ScheduledStep) -> None:
         """Book-keeping once all of a step's tokens are applied."""
@@ -310,14 +336,6 @@ class EngineCore:
                 sibling.status = RequestStatus.WAITING
             self.scheduler.add_first(held)
         self._holding = still_holding
-
-    def _append(
-        self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
-    ) -> None:
-        req.append_token(token_id, logprobs, now)  # max_tokens already respects max_model_len
-        self.generated_tokens += 1
-        if req.is_finished:
-            self._release_when_idle(req)
 
     def abort(self, req: Request) -> None:
         """End `req` and its other choices now; their blocks go back at once, or as soon as
