@@ -176,8 +176,7 @@ class BlockManager:
                     self._free.append(block_id)
                 else:
                     self._cached[block_id] = None
-        req.block_ids.clear()
-        req.num_registered_blocks = 0
+        req.drop_blocks()
 
     # ---- registration ------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import xxhash
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.inputs import sampling_row
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
@@ -253,7 +254,9 @@ class EngineCore:
         return self.runner.prepare(self._batch(step))
 
     def _batch(self, step: ScheduledStep) -> StepBatch:
-        batch, row, run = StepBatch(step.num_steps), 0, step.num_steps
+        run, step_id = step.num_steps, step.step_id
+        batch, row = StepBatch(run), 0
+        add = batch.add
         for req, count, samples in zip(step.requests, step.num_tokens, step.samples):
             # A run's first step computes the first of the `run` tokens it adds.
             start = req.num_computed_tokens - count * run
@@ -262,20 +265,26 @@ class EngineCore:
             # device, from that step's row for this request.
             pending_row = None
             if len(tokens) < count:
-                assert req.sample_step == step.step_id - 1, "a pending token skipped a step"
+                assert req.sample_step == step_id - 1, "a pending token skipped a step"
                 pending_row = req.sample_row
             sample = None
             if samples:
-                drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - run
-                sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
-                if req.params.has_penalties:
-                    sample = sample._replace(
-                        output_token_ids=req.output_array(),
-                        prompt_token_ids=req.distinct_prompt_array(),
-                    )
-                req.sample_row, req.sample_step, row = row, step.step_id, row + 1
-            batch.add(tokens, start, req.block_ids, pending_row, sample)
+                sample = self._sample_spec(req, run)
+                req.sample_row, req.sample_step, row = row, step_id, row + 1
+            add(tokens, start, req.block_array(), pending_row, sample)
         return batch
+
+    @staticmethod
+    def _sample_spec(req: Request, run: int) -> SampleSpec:
+        drawn = len(req.token_ids) - len(req.prompt_token_ids) + req.num_pending_tokens - run
+        params = req.params
+        if req.sampling_row is None:
+            req.sampling_row = sampling_row(params, req.seed)
+        banned = req.banned_token_ids(drawn)
+        if not params.has_penalties:
+            return SampleSpec(params, req.seed, drawn, banned, row=req.sampling_row)
+        return SampleSpec(params, req.seed, drawn, banned, req.output_array(),
+                          req.distinct_prompt_array(), req.sampling_row)  # fmt: skip
 
     def sampled(self, step: ScheduledStep, result: StepResult) -> list[Drawn]:
         """What a completed step drew for each request that sampled, in order (a decode run

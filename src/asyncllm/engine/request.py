@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["Request", "RequestStatus"]
 
 
+_NO_BLOCKS = np.empty(0, np.int32)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -100,6 +103,10 @@ class Request:
     _banned: tuple[int, ...] = ()
     _distinct_prompt_ids: np.ndarray | None = None
     _output_array: np.ndarray | None = None
+    _block_array: np.ndarray = field(default_factory=lambda: _NO_BLOCKS)
+    sampling_row: Any = None
+    """What the step builder memoises of `params` and `seed` (`asyncllm.engine.inputs.
+    SamplingRow`), so that it is worked out once, not every step."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -137,6 +144,21 @@ class Request:
     @property
     def all_choices_finished(self) -> bool:
         return self.is_finished and all(s.is_finished for s in self.siblings)
+
+    def block_array(self) -> np.ndarray:
+        """`block_ids` as int32, memoised: blocks are only ever appended, until `drop_blocks`
+        gives them all back."""
+        known = self._block_array
+        if len(known) != len(self.block_ids):
+            new = np.array(self.block_ids[len(known) :], np.int32)
+            self._block_array = known = np.concatenate((known, new)) if len(known) else new
+        return known
+
+    def drop_blocks(self) -> None:
+        """Forget every KV block (the block manager took them back)."""
+        self.block_ids.clear()
+        self.num_registered_blocks = 0
+        self._block_array = _NO_BLOCKS
 
     def distinct_prompt_array(self) -> np.ndarray:
         """The prompt's distinct token ids (what a repetition penalty needs), memoised."""
