@@ -30,6 +30,7 @@ import anyio
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Scheduler
+from asyncllm.errors import ConfigError
 from asyncllm.sampling import SamplingParams
 
 __all__ = ["READER_MODES", "add_parser", "measure", "measure_engine_loop"]
@@ -191,7 +192,7 @@ def measure_engine_loop(
     from asyncllm.layers.sampler import SamplerOutput
 
     if readers not in READER_MODES:
-        raise ValueError(f"readers must be one of {READER_MODES}, got {readers!r}")
+        raise ConfigError(f"bench option readers must be one of {READER_MODES}, got {readers!r}")
 
     def stub_launch(prepared: Any, previous: Any) -> LaunchedStep:
         rows = prepared.sampling.seeds.shape[0]
@@ -266,8 +267,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="tokens per KV block (default: 16)")  # fmt: skip
     p.add_argument("--engine-loop", action="store_true",
                    help="also time the whole engine loop (stub model)")  # fmt: skip
-    p.add_argument("--decode-steps", type=int, default=1,
-                   help="with --engine-loop: EngineConfig.num_decode_steps")  # fmt: skip
+    p.add_argument("--decode-steps", type=int, nargs="+", default=[1, 4],
+                   help="with --engine-loop: EngineConfig.num_decode_steps values to time "
+                        "(default: 1 4)")  # fmt: skip
     p.add_argument("--readers", nargs="+", choices=READER_MODES, default=list(READER_MODES),
                    help="with --engine-loop: how the outputs are read (default: all)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the result as JSON here")
@@ -278,7 +280,9 @@ def _run(args: argparse.Namespace) -> int:
     result = measure(args.num_seqs, args.steps, args.block_size)
     if args.engine_loop:
         loops = [
-            measure_engine_loop(args.num_seqs, readers=mode, num_decode_steps=args.decode_steps)
+            {"num_decode_steps": k}
+            | measure_engine_loop(args.num_seqs, readers=mode, num_decode_steps=k)
+            for k in args.decode_steps
             for mode in args.readers
         ]
         result["engine_loop"] = loops

@@ -431,7 +431,10 @@ class AsyncEngine:
                 for drawn in sampled[start : start + 64]:
                     if core.apply(drawn, now):
                         req = drawn.request
-                        if req.waiter is not None:
+                        # A reader that waits for the end only is woken by the end.
+                        if req.waiter is not None and (
+                            req.finish_reason is not None or not req.wakes_at_end
+                        ):
                             self._notify(req)
                         if req.finish_reason is not None:
                             self._on_finished(req)
@@ -503,8 +506,7 @@ def _log_request(level: int, req: Request, message: str, *args: object) -> None:
 async def _read_to_end(stream: RequestStream) -> RequestOutput:
     """Read `stream` to its end and return its output; leaving early aborts the request."""
     async with stream:
-        async for _ in stream.chunks():
-            pass
+        await stream.finished()
         return stream.output()
 
 

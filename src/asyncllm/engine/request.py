@@ -95,6 +95,9 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     waiter: Any = None
     """What a reader waits on for new outputs (set by the engine, then dropped)."""
+    wakes_at_end: bool = False
+    """The reader waiting on `waiter` wants only the request's end (`generate`,
+    `generate_many`): the engine does not wake it for tokens."""
     _held: str = ""
     """Decoded text not streamed yet: it could still be the start of a stop string."""
     _flush_at_end: bool = False
