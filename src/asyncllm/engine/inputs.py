@@ -437,20 +437,18 @@ def next_decode_step(prepared: PreparedStep, drawn: torch.Tensor, block_size: in
 
 
 def _block_tables(rows: list[Sequence[int] | np.ndarray]) -> np.ndarray:
-    """[B, W] int32, zero-padded, filled in one vectorised scatter; W is the longest row
-    rounded up to 16, so the row stride (which kernels specialise on) rarely changes. Rows
-    that are int32 arrays already (a request's memoised table) are joined without a copy per
-    element."""
+    """[B, W] int32, zero-padded, filled in one vectorised masked store; W is the longest
+    row rounded up to 16, so the row stride (which kernels specialise on) rarely changes.
+    Rows that are int32 arrays already (a request's memoised table) are joined in C."""
     lens = np.fromiter(map(len, rows), np.int64, len(rows))
-    total = int(lens.sum())
-    if rows and all(isinstance(row, np.ndarray) for row in rows):
+    if rows and isinstance(rows[0], np.ndarray):
         flat = np.concatenate(rows).astype(np.int32, copy=False)
     else:
-        flat = np.fromiter(chain.from_iterable(rows), np.int32, total)
-    tables = np.zeros((len(rows), _round_up(int(lens.max(initial=1)), 16)), np.int32)
-    row_of = np.repeat(np.arange(len(rows)), lens)
-    col_of = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-    tables[row_of, col_of] = flat
+        flat = np.fromiter(chain.from_iterable(rows), np.int32, int(lens.sum()))
+    width = _round_up(int(lens.max(initial=1)), 16)
+    tables = np.zeros((len(rows), width), np.int32)
+    # Row-major order of the mask is the order of `flat`: row after row, left to right.
+    tables[np.arange(width) < lens[:, None]] = flat
     return tables
 
 
