@@ -10,7 +10,7 @@
 #        tests      tests/gpu/test_tp_gpu.py (parity, graphs with NCCL, dead worker)  -> tests.log
 #        allreduce  all-reduce per call, NCCL and peer memory, eager and in a graph -> allreduce.json
 #        bench      asyncllm bench tp (ITL, tok/s, NCCL per step, parity) -> bench_tp.json/.log
-# Everything lands in $OUT (default /tmp/asyncllm-out); the trace of this script in $OUT/log.
+# TP_BENCH_ARGS adds options to `bench tp` (e.g. --skip-parity). Everything lands in $OUT (default /tmp/asyncllm-out); the trace of this script in $OUT/log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/asyncllm-out}
@@ -56,7 +56,7 @@ for step in "${steps[@]}"; do
       tail -n 30 "$OUT/tests.log" ;;
     bench)
       timeout -k 10 560 "$PY" -m asyncllm bench tp --model-shape qwen3-8b --work-dir "$WORK" \
-        --out "$OUT/bench_tp.json" > "$OUT/bench_tp.log" 2>&1 || status=1
+        --out "$OUT/bench_tp.json" ${TP_BENCH_ARGS:-} > "$OUT/bench_tp.log" 2>&1 || status=1
       tail -n 80 "$OUT/bench_tp.log" ;;
     *) echo "unknown step: $step" >&2; status=2 ;;
   esac
