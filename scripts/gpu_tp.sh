@@ -47,7 +47,7 @@ for step in "${steps[@]}"; do
       timeout -k 10 90 "$PY" -m asyncllm bench tp --broadcast-only \
         --out "$OUT/broadcast.json" || status=1 ;;
     allreduce)
-      timeout -k 10 120 "$PY" -c "import json, sys; from asyncllm.bench.tensor_parallel import allreduce_probe; json.dump(allreduce_probe(4096, 36), sys.stdout, indent=1)" \
+      timeout -k 10 120 "$PY" -c "import json, sys; from asyncllm.bench.tensor_parallel import allreduce_probe; r = allreduce_probe(4096, 36); json.dump(r, sys.stdout, indent=1); sys.exit('error' in r)" \
         > "$OUT/allreduce.json" || status=1
       cat "$OUT/allreduce.json" ;;
     tests)

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -129,6 +130,12 @@ class PeerAllReduce:
         )
         return out
 
+    def close(self) -> None:
+        """Drop the group's name from torch's registry (the buffer goes with this object)."""
+        # Never registered, or torch already tore its registry down: nothing to drop.
+        with contextlib.suppress(Exception):
+            _c10d._unregister_process_group(self.group_name)
+
 
 _PEER_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
 
@@ -211,6 +218,8 @@ class TPGroup:
 
     def close(self) -> None:
         """Abort and drop the groups (see `Groups.close`)."""
+        if self.peer is not None:
+            self.peer.close()
         if self.groups is not None:
             self.groups.close()
 
@@ -284,24 +293,49 @@ def connect(
 
 
 def _peer_all_reduce(tp: TPGroup, store: Any) -> PeerAllReduce | None:
-    """Map a `PeerAllReduce` buffer on every rank, or None (on every rank) where one rank
-    cannot: every rank must take the same path for every sum."""
+    """Map a `PeerAllReduce` buffer on every rank, or None on every rank where one rank
+    cannot: all ranks must take the same path for every sum."""
     reason = _peer_unavailable(tp)
-    if tp.cpu_min(0 if reason else 1) == 0:
-        if reason or tp.is_driver:
-            logger.info("all-reduce: NCCL for every sum (%s)", reason or "another rank's choice")
-        return None
+    peer = None
+    if tp.cpu_min(0 if reason else 1) == 1:
+        try:
+            peer = _map_peer_buffer(tp, store)
+        except Exception as exc:  # symmetric memory refused (driver, container, torch build)
+            reason = f"symmetric memory failed: {exc}"
+    if tp.cpu_min(1 if peer else 0) == 1:
+        return peer
+    if peer is not None:
+        peer.close()
+    if reason or tp.is_driver:
+        logger.info("all-reduce: NCCL for every sum (%s)", reason or "another rank's choice")
+    return None
+
+
+def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
     from torch.distributed import _symmetric_memory as symm_mem
 
-    # A name of this engine's own (two engines in one process never share one), agreed on
-    # through the engine's store; symmetric memory finds the group's members under it.
+    # Symmetric memory finds the ranks through a process group registered under a name: one
+    # of this engine's own (two engines in one process never share one), agreed on through
+    # the engine's store, over the engine's NCCL backend.
     if tp.rank == 0:
         store.set("name", f"asyncllm-{uuid.uuid4().hex}")
     name = store.get("name").decode()
-    _c10d._SymmetricMemory.set_group_info(name, tp.rank, tp.world_size, store)
-    buffer = symm_mem.empty(PEER_ALL_REDUCE_MAX_BYTES, dtype=torch.uint8, device=tp.device)
-    symm_mem.rendezvous(buffer, name)
-    return PeerAllReduce(buffer, name)
+    nccl = dist.ProcessGroup.BackendType.NCCL
+    group = dist.ProcessGroup(store, tp.rank, tp.world_size)
+    group._set_default_backend(nccl)
+    group._register_backend(torch.device("cuda"), nccl, tp._device_group())
+    group._set_group_name(name)
+    _c10d._register_process_group(name, group)
+    peer = PeerAllReduce(torch.empty(0), name)  # unregisters the name if what follows fails
+    try:
+        _c10d._SymmetricMemory.set_group_info(name, tp.rank, tp.world_size, store)
+        buffer = symm_mem.empty(PEER_ALL_REDUCE_MAX_BYTES, dtype=torch.uint8, device=tp.device)
+        symm_mem.rendezvous(buffer, name)
+    except BaseException:
+        peer.close()
+        raise
+    peer.buffer = buffer
+    return peer
 
 
 def _peer_unavailable(tp: TPGroup) -> str:
