@@ -382,14 +382,15 @@ def _allreduce_times(tp: Any, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _path_times(tp: Any, x: torch.Tensor, calls: int) -> dict[str, Any]:
-    assert bool((tp.all_reduce(x.clone()) == 3).all()), "all-reduce gave a wrong sum"
+    ones = x.clone()  # each rank's rank + 1 (NCCL sums `x` in place below)
+    assert bool((tp.all_reduce(ones.clone()) == 3).all()), "all-reduce gave a wrong sum"
     eager_us = _timed_us(lambda: tp.all_reduce(x), repeats=200)
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        tp.all_reduce(x.clone())
+        tp.all_reduce(ones.clone())
     torch.cuda.synchronize()
-    y = x.clone()
+    y = ones.clone()
     with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         z = y
         for _ in range(calls):
