@@ -65,7 +65,7 @@ DEFAULT_TIMEOUT_S = 300.0
 """How long a collective may wait for the other ranks before it fails (a rank hangs)."""
 CONNECT_TIMEOUT_S = 600.0
 """How long building the groups may wait for the other ranks to start."""
-PEER_ALL_REDUCE_MAX_BYTES = 512 * 1024
+PEER_ALL_REDUCE_MAX_BYTES = 4 * 2**20
 """Largest sum `PeerAllReduce` takes; larger ones go to NCCL. Where one-shot stops beating
 NCCL on two H200s (docs/benchmarks.md, "Tensor parallelism")."""
 
@@ -131,13 +131,22 @@ class PeerAllReduce:
         return out
 
     def close(self) -> None:
-        """Drop the group's name from torch's registry (the buffer goes with this object)."""
+        """Free the buffer and drop the group's name from torch's registry."""
+        self.buffer = torch.empty(0)
         # Never registered, or torch already tore its registry down: nothing to drop.
         with contextlib.suppress(Exception):
             _c10d._unregister_process_group(self.group_name)
 
 
 _PEER_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
+
+
+class _Rendezvous:
+    count = 0
+    """Symmetric-memory rendezvous this process has attempted."""
+
+
+_rendezvous = _Rendezvous()
 
 
 def _symm_ops() -> Any:
@@ -289,13 +298,18 @@ def connect(
     one_host = loopback or os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
     if device.type != "cuda" or not one_host or not peer_all_reduce:
         return tp
-    return dataclasses.replace(tp, peer=_peer_all_reduce(tp, dist.PrefixStore("peer/", store)))
+    peer = _peer_all_reduce(tp, dist.PrefixStore("peer/", store), spawned=loopback)
+    return dataclasses.replace(tp, peer=peer)
 
 
-def _peer_all_reduce(tp: TPGroup, store: Any) -> PeerAllReduce | None:
+def _peer_all_reduce(tp: TPGroup, store: Any, spawned: bool) -> PeerAllReduce | None:
     """Map a `PeerAllReduce` buffer on every rank, or None on every rank where one rank
     cannot: all ranks must take the same path for every sum."""
     reason = _peer_unavailable(tp)
+    if spawned and _rendezvous.count and not reason:
+        # torch numbers symmetric memory's store exchanges per process: workers spawned
+        # afresh would wait under other numbers than this process's (a hang, not an error).
+        reason = "an earlier engine of this process mapped peer memory with other workers"
     peer = None
     if tp.cpu_min(0 if reason else 1) == 1:
         try:
@@ -320,6 +334,7 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
     if tp.rank == 0:
         store.set("name", f"asyncllm-{uuid.uuid4().hex}")
     name = store.get("name").decode()
+    _rendezvous.count += 1  # from the first attempt: a failed one may have used numbers
     nccl = dist.ProcessGroup.BackendType.NCCL
     group = dist.ProcessGroup(store, tp.rank, tp.world_size)
     group._set_default_backend(nccl)
@@ -329,7 +344,11 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
     peer = PeerAllReduce(torch.empty(0), name)  # unregisters the name if what follows fails
     try:
         _c10d._SymmetricMemory.set_group_info(name, tp.rank, tp.world_size, store)
-        buffer = symm_mem.empty(PEER_ALL_REDUCE_MAX_BYTES, dtype=torch.uint8, device=tp.device)
+        # A fresh allocation, not symm_mem.empty's pool: a pooled block freed by an earlier
+        # engine comes back mapped to that engine's (gone) peers.
+        buffer = _c10d._SymmetricMemory.empty_strided_p2p(
+            (PEER_ALL_REDUCE_MAX_BYTES,), (1,), torch.uint8, tp.device
+        )
         symm_mem.rendezvous(buffer, name)
     except BaseException:
         peer.close()

@@ -371,7 +371,7 @@ def _allreduce_times(tp: Any, settings: dict[str, Any]) -> dict[str, Any]:
     if tp.peer is not None:
         paths["peer"] = tp
     out: dict[str, Any] = {"calls_per_step": calls, "peer_available": tp.peer is not None}
-    for batch in (1, 8, 64, 256):
+    for batch in (1, 8, 64, 256, 512):
         for name, group in paths.items():
             x = torch.full((batch, hidden), float(tp.rank + 1), dtype=torch.bfloat16,
                            device="cuda")  # fmt: skip
