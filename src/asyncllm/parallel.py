@@ -298,7 +298,7 @@ def connect(
     one_host = loopback or os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
     if device.type != "cuda" or not one_host or not peer_all_reduce:
         return tp
-    peer = _peer_all_reduce(tp, dist.PrefixStore("peer/", store), spawned=loopback)
+    peer = _peer_all_reduce(tp, store, spawned=loopback)
     return dataclasses.replace(tp, peer=peer)
 
 
@@ -313,7 +313,7 @@ def _peer_all_reduce(tp: TPGroup, store: Any, spawned: bool) -> PeerAllReduce | 
     peer = None
     if tp.cpu_min(0 if reason else 1) == 1:
         try:
-            peer = _map_peer_buffer(tp, store)
+            peer = _map_peer_buffer(tp, dist.PrefixStore("peer/", _client(store)))
         except Exception as exc:  # symmetric memory refused (driver, container, torch build)
             reason = f"symmetric memory failed: {exc}"
     if tp.cpu_min(1 if peer else 0) == 1:
@@ -355,6 +355,15 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
         raise
     peer.buffer = buffer
     return peer
+
+
+def _client(store: Any) -> Any:
+    """`store` over a client connection of its own where it is a TCPStore: torch keeps the
+    store symmetric memory is given until the process exits, and a TCPStore that serves
+    (rank 0's) torn down then, its server thread still running, aborts the process."""
+    if not isinstance(store, dist.TCPStore):
+        return store
+    return dist.TCPStore(store.host, store.port, is_master=False, wait_for_workers=False)
 
 
 def _peer_unavailable(tp: TPGroup) -> str:
