@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,51 @@ def test_two_gpus_give_the_same_greedy_tokens_as_one_in_float32(tp_model_dir: Pa
     two = greedy_tokens(tp_model_dir, prompts, dtype="float32", max_num_batched_tokens=256,
                         tensor_parallel_size=2)  # fmt: skip
     assert two == one
+
+
+# Run where no engine has mapped peer memory yet: a fresh interpreter.
+_PEER_SCRIPT = """
+import json, sys
+from asyncllm import LLM
+from tests.gpu.test_tp_gpu import GREEDY, prompts_of
+
+def run(**overrides):
+    with LLM(sys.argv[1], device="cuda", dtype="float32", tensor_parallel_size=2,
+             num_kv_blocks=2048, max_num_seqs=64, **overrides) as llm:
+        tokens = [o.token_ids for o in llm.generate(prompts_of(48, seed=3), GREEDY)]
+        return tokens, llm.engine._core.runner.tp.peer is not None
+
+first, first_peer = run()
+nccl, nccl_peer = run(peer_all_reduce=False)
+second, second_peer = run()
+print(json.dumps(dict(first=first, first_peer=first_peer, nccl=nccl, nccl_peer=nccl_peer,
+                      second=second, second_peer=second_peer)))
+"""
+
+
+@pytest.fixture(scope="module")
+def peer_runs(tp_model_dir: Path) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}
+    done = subprocess.run([sys.executable, "-c", _PEER_SCRIPT, str(tp_model_dir)], env=env,
+                          capture_output=True, text=True, timeout=240, check=True)  # fmt: skip
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_sums_over_peer_memory_give_the_same_tokens_as_nccl(peer_runs: dict[str, Any]) -> None:
+    """Two H200s of one host reach each other's memory: decode steps' sums (up to 64 x 256
+    floats) go over it, prefill chunks' over NCCL; in float32 both round once."""
+    assert peer_runs["first_peer"] and not peer_runs["nccl_peer"]
+    assert peer_runs["first"] == peer_runs["nccl"]
+
+
+def test_a_later_engine_of_the_process_takes_nccl_and_still_works(
+    peer_runs: dict[str, Any],
+) -> None:
+    """Its fresh workers could not match the process's symmetric-memory exchange count."""
+    assert not peer_runs["second_peer"]
+    assert peer_runs["second"] == peer_runs["first"]
 
 
 def test_cuda_graphs_with_nccl_inside_give_the_same_tokens_as_eager(tp_model_dir: Path) -> None:
