@@ -119,6 +119,12 @@ def _cpu_workload(model_dir: Path | str = "/nonexistent") -> PeerWorkload:
                         dtype="float32")  # fmt: skip
 
 
+def test_a_peer_workload_needs_one_output_length_per_prompt():
+    with pytest.raises(ConfigError, match="2 prompts and 1 output lengths"):
+        PeerWorkload(model_dir="m", prompts=[[1], [2]], output_lens=[3], temperature=0.6,
+                     device="cpu", dtype="float32")  # fmt: skip
+
+
 def test_nano_vllm_is_skipped_on_a_cpu_without_starting_a_process():
     result = run_peer("nano-vllm", _cpu_workload(), PeerOptions())
     assert result == {"skipped": "nano-vllm needs CUDA and flash-attn; this run is on cpu"}

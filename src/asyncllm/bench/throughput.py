@@ -220,7 +220,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--nano-vllm-path", type=Path, default=None,
                    help=f"folder holding nano-vllm's nanovllm package (default: "
                         f"$NANO_VLLM_PATH, else {PeerOptions().nano_vllm_path})")  # fmt: skip
-    p.add_argument("--peer-timeout", type=float, default=PeerOptions().timeout_s,
+    p.add_argument("--peer-timeout", type=_positive_seconds, default=PeerOptions().timeout_s,
                    help="seconds each peer may take (default: %(default)s)")  # fmt: skip
     p.add_argument("--skip-transformers", action="store_true",
                    help="leave transformers out of --peers")  # fmt: skip
@@ -252,6 +252,16 @@ def random_model_dir(args: argparse.Namespace) -> Path:
                               device=device)  # fmt: skip
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"--peer-timeout must be a positive number, got {text!r}")
+    return seconds
+
+
 def _peers_argument(text: str) -> tuple[str, ...]:
     try:
         return parse_peers(text)
@@ -277,26 +287,30 @@ def _run(args: argparse.Namespace) -> int:
         Path(args.trace).write_text(json.dumps(result.pop("trace")))
     result["offline_tok_per_s"] = total_out / result["offline_s"]
     result["streams_tok_per_s"] = total_out / result["streams_s"]
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _release_device_memory()
     result |= _floor(config, prompts, outputs, result)
-    peers = tuple(p for p in args.peers if not (args.skip_transformers and p == "transformers"))
+    _release_device_memory()  # the peers size their KV caches from the free memory
     peer_workload = PeerWorkload(
         model_dir=str(model_dir), prompts=prompts, output_lens=outputs,
         temperature=args.temperature, device=result["device_type"], dtype=result["dtype"],
     )  # fmt: skip
-    options = PeerOptions(
-        nano_vllm_path=args.nano_vllm_path or default_nano_vllm_path(),
-        timeout_s=args.peer_timeout,
-    )
-    result["peers"] = run_peers(peers, peer_workload, options)
+    result["peers"] = _run_peers(args, peer_workload)
     result |= peer_ratios(result["offline_tok_per_s"], result["peers"])
     _print_peer_notes(result["peers"])
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _run_peers(args: argparse.Namespace, workload: PeerWorkload) -> dict[str, dict[str, Any]]:
+    """`--peers` (less transformers under `--skip-transformers`), one after the other."""
+    names = tuple(p for p in args.peers if not (args.skip_transformers and p == "transformers"))
+    options = PeerOptions(
+        nano_vllm_path=args.nano_vllm_path or default_nano_vllm_path(),
+        timeout_s=args.peer_timeout,
+    )
+    return run_peers(names, workload, options)
 
 
 def peer_ratios(offline_tok_per_s: float, peers: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -324,6 +338,12 @@ def _floor(config: dict[str, Any], prompts: list[list[int]], outputs: list[int],
         "floor": floor._asdict(),
         "offline_vs_floor": result["offline_tok_per_s"] / floor.tok_per_s,
     }
+
+
+def _release_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _print_peer_notes(peers: dict[str, dict[str, Any]]) -> None:

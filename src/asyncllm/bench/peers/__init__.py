@@ -64,6 +64,15 @@ class PeerWorkload:
     dtype: str
     """The torch dtype asyncllm computed in, by name ("bfloat16", "float32")."""
 
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.output_lens) or not self.prompts:
+            raise ConfigError(
+                f"PeerWorkload needs one output length per prompt, got {len(self.prompts)} "
+                f"prompts and {len(self.output_lens)} output lengths"
+            )
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"PeerWorkload.device must be 'cuda' or 'cpu', got {self.device!r}")
+
     def write(self, path: Path) -> None:
         """Save as JSON (what the peer's process reads)."""
         path.write_text(json.dumps(asdict(self)))
