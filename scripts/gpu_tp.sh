@@ -8,8 +8,9 @@
 #
 # Steps: broadcast  step-input broadcast alone, two processes over gloo   -> broadcast.json
 #        tests      tests/gpu/test_tp_gpu.py (parity, graphs with NCCL, dead worker)  -> tests.log
+#        allreduce  all-reduce per call, NCCL and peer memory, eager and in a graph -> allreduce.json
 #        bench      asyncllm bench tp (ITL, tok/s, NCCL per step, parity) -> bench_tp.json/.log
-# Everything lands in $OUT (default /tmp/asyncllm-out); the trace of this script in $OUT/log.
+# TP_BENCH_ARGS adds options to `bench tp` (e.g. --skip-parity). Everything lands in $OUT (default /tmp/asyncllm-out); the trace of this script in $OUT/log.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/asyncllm-out}
@@ -45,13 +46,17 @@ for step in "${steps[@]}"; do
     broadcast)
       timeout -k 10 90 "$PY" -m asyncllm bench tp --broadcast-only \
         --out "$OUT/broadcast.json" || status=1 ;;
+    allreduce)
+      timeout -k 10 120 "$PY" -c "import json, sys; from asyncllm.bench.tensor_parallel import allreduce_probe; r = allreduce_probe(4096, 36); json.dump(r, sys.stdout, indent=1); sys.exit('error' in r)" \
+        > "$OUT/allreduce.json" || status=1
+      cat "$OUT/allreduce.json" ;;
     tests)
       timeout -k 10 270 "$PY" -m pytest -m gpu tests/gpu/test_tp_gpu.py -v \
         -p no:cacheprovider --durations=10 > "$OUT/tests.log" 2>&1 || status=1
       tail -n 30 "$OUT/tests.log" ;;
     bench)
-      timeout -k 10 420 "$PY" -m asyncllm bench tp --model-shape qwen3-8b --work-dir "$WORK" \
-        --out "$OUT/bench_tp.json" > "$OUT/bench_tp.log" 2>&1 || status=1
+      timeout -k 10 560 "$PY" -m asyncllm bench tp --model-shape qwen3-8b --work-dir "$WORK" \
+        --out "$OUT/bench_tp.json" ${TP_BENCH_ARGS:-} > "$OUT/bench_tp.log" 2>&1 || status=1
       tail -n 80 "$OUT/bench_tp.log" ;;
     *) echo "unknown step: $step" >&2; status=2 ;;
   esac

@@ -99,6 +99,7 @@ BAD_ENGINE_VALUES: list[tuple[str, Any]] = [
     *[("enable_prefix_caching", v) for v in ("false", 1, None)],
     *[("attention_backend", v) for v in (5, None, "flash-attn", "FLASH_ATTN")],
     *[("enforce_eager", v) for v in ("true", 0)],
+    *[("peer_all_reduce", v) for v in ("yes", 1)],
     *[("overlap_scheduling", v) for v in ("yes", 1)],
     *[("seed", v) for v in (-1, 2**64, 1.5, True)],
     *[("tensor_parallel_size", v) for v in (0, -2, 1.5, True, "2")],

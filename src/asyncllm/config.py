@@ -92,6 +92,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     """Ranks (GPUs) each layer is split across: rank 0 runs in this process, ranks 1..N-1 in
     worker processes it spawns (or that `torchrun` started); see README, "Tensor parallelism"."""
+    peer_all_reduce: bool = True
+    """With tensor parallelism on GPUs of one host: take the forward pass's small sums (up
+    to `asyncllm.parallel.PEER_ALL_REDUCE_MAX_BYTES`) over peer memory, torch symmetric
+    memory's one-shot all-reduce, instead of NCCL. False: NCCL for every sum."""
 
     def __post_init__(self) -> None:
         # Values that name the same thing in another spelling (a Path, torch.device("cpu"),
@@ -111,7 +115,7 @@ class EngineConfig:
         self._normalise("kv_cache_bytes", _optional(_bounded_int("kv_cache_bytes", MAX_INT64)))
         self._normalise("seed", _bounded_int("seed", MAX_SEED, minimum=0))
         self._normalise("gpu_memory_utilization", _memory_fraction)
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enforce_eager", "peer_all_reduce"):
             _require_bool(name, getattr(self, name))
         if self.overlap_scheduling is not None:
             _require_bool("overlap_scheduling", self.overlap_scheduling)

@@ -7,6 +7,10 @@ process-wide default group, so two engines in one process never share one):
 - `device_group`: the collectives of the forward pass (NCCL on CUDA, gloo on CPU);
 - `cpu_group`: gloo over TCP, for what rank 0 tells the other ranks (step inputs, stop).
 
+On GPUs of one host a `PeerAllReduce` (torch symmetric memory) takes the small sums of the
+forward pass from NCCL: one kernel per rank reads every rank's buffer over NVLink, a fraction
+of NCCL's latency for the few KiB a decode step sums per layer.
+
 Both are built from a store: a `TCPStore` on 127.0.0.1 at a port the OS picks (the workers an
 engine spawns learn it from their arguments), or torchrun's env:// store. At world size 1 a
 `TPGroup` holds no group at all and the layers call no collective.
@@ -24,9 +28,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
+import logging
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,7 +46,9 @@ from asyncllm.errors import ConfigError
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
+    "PEER_ALL_REDUCE_MAX_BYTES",
     "Groups",
+    "PeerAllReduce",
     "TPGroup",
     "WeightShard",
     "check_divisible",
@@ -55,6 +65,11 @@ DEFAULT_TIMEOUT_S = 300.0
 """How long a collective may wait for the other ranks before it fails (a rank hangs)."""
 CONNECT_TIMEOUT_S = 600.0
 """How long building the groups may wait for the other ranks to start."""
+PEER_ALL_REDUCE_MAX_BYTES = 512 * 1024
+"""Largest sum `PeerAllReduce` takes; larger ones go to NCCL. Where one-shot stops beating
+NCCL on two H200s (docs/benchmarks.md, "Tensor parallelism")."""
+
+logger = logging.getLogger("asyncllm.parallel")
 
 
 class Groups:
@@ -84,6 +99,51 @@ class Groups:
         self.device_group = self.cpu_group = None
 
 
+class PeerAllReduce:
+    """Sums small tensors through torch symmetric memory (ranks on one host's GPUs).
+
+    Every rank's `buffer` is mapped into the others' address space; one kernel per rank
+    copies its input in, meets the others at a barrier in device memory, and adds up every
+    rank's buffer in rank order (so all ranks get the same bits). Nothing goes through the
+    host, and the kernel captures into CUDA graphs like any other.
+    """
+
+    def __init__(self, buffer: torch.Tensor, group_name: str) -> None:
+        self.buffer = buffer
+        """Bytes of symmetric memory, rendezvoused under `group_name`."""
+        self.group_name = group_name
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        """Whether this sum is one for peer memory (small, contiguous, a float type)."""
+        return (
+            tensor.dtype in _PEER_DTYPES
+            and tensor.numel() * tensor.element_size() <= self.buffer.numel()
+            and tensor.is_contiguous()
+        )
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of `tensor` over the ranks, as a new tensor."""
+        size = tensor.numel() * tensor.element_size()
+        staging = self.buffer[:size].view(tensor.dtype).view(tensor.shape)
+        out: torch.Tensor = _symm_ops().one_shot_all_reduce_copy(
+            staging, tensor, "sum", self.group_name
+        )
+        return out
+
+    def close(self) -> None:
+        """Drop the group's name from torch's registry (the buffer goes with this object)."""
+        # Never registered, or torch already tore its registry down: nothing to drop.
+        with contextlib.suppress(Exception):
+            _c10d._unregister_process_group(self.group_name)
+
+
+_PEER_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
+
+
+def _symm_ops() -> Any:
+    return torch.ops.symm_mem
+
+
 @dataclass(frozen=True, slots=True)
 class TPGroup:
     """This rank's place in a tensor-parallel group, and the group's collectives.
@@ -99,6 +159,8 @@ class TPGroup:
     groups: Groups | None = None
     """The process groups (None at world size 1)."""
     timeout_s: float = DEFAULT_TIMEOUT_S
+    peer: PeerAllReduce | None = None
+    """Takes the small sums over peer memory (None: NCCL or gloo for every sum)."""
 
     @property
     def is_driver(self) -> bool:
@@ -111,7 +173,10 @@ class TPGroup:
         return self.world_size > 1
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place; returns it."""
+        """The sum of `tensor` over the ranks: `tensor` itself summed in place, or (a small
+        one on peer memory) a new tensor. Use the result."""
+        if self.peer is not None and self.peer.fits(tensor):
+            return self.peer(tensor)
         opts = self._options(dist.AllreduceOptions())
         opts.reduceOp = dist.ReduceOp.SUM
         _wait(self._device_group().allreduce([tensor], opts))
@@ -153,6 +218,8 @@ class TPGroup:
 
     def close(self) -> None:
         """Abort and drop the groups (see `Groups.close`)."""
+        if self.peer is not None:
+            self.peer.close()
         if self.groups is not None:
             self.groups.close()
 
@@ -202,13 +269,15 @@ def _bounded(fn: Any, timeout_s: float) -> None:
 def connect(
     store: Any, rank: int, world_size: int, device: torch.device, *, loopback: bool,
     timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    peer_all_reduce: bool = True,
 ) -> TPGroup:  # fmt: skip
     """Build this rank's groups on `store` (every rank calls this with the same store).
 
     Building waits up to `connect_timeout_s` for the other ranks (which may still be starting
     their interpreters); each collective then waits up to `timeout_s`. `loopback` binds gloo
     to 127.0.0.1 (all ranks on this host); otherwise gloo picks the interface the host name
-    resolves to (multi-node torchrun).
+    resolves to (multi-node torchrun). With `peer_all_reduce` (and CUDA ranks that all
+    share this host and can reach each other's memory) small sums go over peer memory.
     """
     timeout = datetime.timedelta(seconds=max(timeout_s, connect_timeout_s))
     cpu_group = _gloo(dist.PrefixStore("cpu/", store), rank, world_size, timeout, loopback)
@@ -216,7 +285,74 @@ def connect(
         device_group = _nccl(dist.PrefixStore("nccl/", store), rank, world_size, timeout)
     else:
         device_group = _gloo(dist.PrefixStore("dev/", store), rank, world_size, timeout, loopback)
-    return TPGroup(rank, world_size, device, Groups(device_group, cpu_group), timeout_s)
+    tp = TPGroup(rank, world_size, device, Groups(device_group, cpu_group), timeout_s)
+    one_host = loopback or os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
+    if device.type != "cuda" or not one_host or not peer_all_reduce:
+        return tp
+    return dataclasses.replace(tp, peer=_peer_all_reduce(tp, dist.PrefixStore("peer/", store)))
+
+
+def _peer_all_reduce(tp: TPGroup, store: Any) -> PeerAllReduce | None:
+    """Map a `PeerAllReduce` buffer on every rank, or None on every rank where one rank
+    cannot: all ranks must take the same path for every sum."""
+    reason = _peer_unavailable(tp)
+    peer = None
+    if tp.cpu_min(0 if reason else 1) == 1:
+        try:
+            peer = _map_peer_buffer(tp, store)
+        except Exception as exc:  # symmetric memory refused (driver, container, torch build)
+            reason = f"symmetric memory failed: {exc}"
+    if tp.cpu_min(1 if peer else 0) == 1:
+        return peer
+    if peer is not None:
+        peer.close()
+    if reason or tp.is_driver:
+        logger.info("all-reduce: NCCL for every sum (%s)", reason or "another rank's choice")
+    return None
+
+
+def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    # Symmetric memory finds the ranks through a process group registered under a name: one
+    # of this engine's own (two engines in one process never share one), agreed on through
+    # the engine's store, over the engine's NCCL backend.
+    if tp.rank == 0:
+        store.set("name", f"asyncllm-{uuid.uuid4().hex}")
+    name = store.get("name").decode()
+    nccl = dist.ProcessGroup.BackendType.NCCL
+    group = dist.ProcessGroup(store, tp.rank, tp.world_size)
+    group._set_default_backend(nccl)
+    group._register_backend(torch.device("cuda"), nccl, tp._device_group())
+    group._set_group_name(name)
+    _c10d._register_process_group(name, group)
+    peer = PeerAllReduce(torch.empty(0), name)  # unregisters the name if what follows fails
+    try:
+        _c10d._SymmetricMemory.set_group_info(name, tp.rank, tp.world_size, store)
+        buffer = symm_mem.empty(PEER_ALL_REDUCE_MAX_BYTES, dtype=torch.uint8, device=tp.device)
+        symm_mem.rendezvous(buffer, name)
+    except BaseException:
+        peer.close()
+        raise
+    peer.buffer = buffer
+    return peer
+
+
+def _peer_unavailable(tp: TPGroup) -> str:
+    """Why this rank cannot map the others' memory ('' when it can)."""
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+    except ImportError as exc:
+        return f"no torch symmetric memory: {exc}"
+    if not hasattr(_symm_ops(), "one_shot_all_reduce_copy"):
+        return "this torch has no one-shot all-reduce"
+    here = tp.device.index if tp.device is not None else None
+    if here is None or torch.cuda.device_count() < tp.world_size:
+        return "the ranks' GPUs are not all visible to each rank"
+    for other in range(torch.cuda.device_count()):
+        if other != here and not torch.cuda.can_device_access_peer(here, other):
+            return f"cuda:{here} cannot reach cuda:{other}'s memory (no peer access)"
+    return ""
 
 
 def _wait(work: Any) -> None:

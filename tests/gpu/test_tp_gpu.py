@@ -54,6 +54,9 @@ def greedy_tokens(model_dir: Path, prompts: list[list[int]], **overrides: Any) -
         runner = llm.engine._core.runner
         assert runner is not None
         assert (runner.graphs is not None) == (not settings.get("enforce_eager", False))
+        # Two H200s of one host reach each other's memory: small sums take that path.
+        peer = settings.get("tensor_parallel_size", 1) > 1 and settings.get("peer_all_reduce", 1)
+        assert (runner.tp.peer is not None) == bool(peer)
         return [out.token_ids for out in llm.generate(prompts, GREEDY)]
 
 
@@ -64,6 +67,16 @@ def test_two_gpus_give_the_same_greedy_tokens_as_one_in_float32(tp_model_dir: Pa
     two = greedy_tokens(tp_model_dir, prompts, dtype="float32", max_num_batched_tokens=256,
                         tensor_parallel_size=2)  # fmt: skip
     assert two == one
+
+
+def test_sums_over_peer_memory_give_the_same_tokens_as_nccl(tp_model_dir: Path) -> None:
+    """Decode steps (up to 64 x 256 floats a sum) go over peer memory, prefill chunks over
+    NCCL; in float32 both add two ranks' values with one rounding."""
+    prompts = prompts_of(48, seed=3)
+    peer = greedy_tokens(tp_model_dir, prompts, dtype="float32", tensor_parallel_size=2)
+    nccl = greedy_tokens(tp_model_dir, prompts, dtype="float32", tensor_parallel_size=2,
+                         peer_all_reduce=False)  # fmt: skip
+    assert peer == nccl
 
 
 def test_cuda_graphs_with_nccl_inside_give_the_same_tokens_as_eager(tp_model_dir: Path) -> None:

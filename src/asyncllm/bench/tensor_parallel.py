@@ -9,16 +9,18 @@ tensor_parallel_size in turn:
 - device time of NCCL kernels per decode step on rank 0 (torch profiler over a few decode
   steps), and the step-input broadcast's wall time per step on rank 0;
 
-plus, with two GPUs: NCCL all-reduce of one decode step's hidden states, eager and inside a
-CUDA graph (2 x layers in a row), in two processes of their own; and float32 greedy parity,
-TP=2 against TP=1, on a small random model. `--broadcast-only` measures the step-input
-broadcast alone (two processes, gloo; runs on a CPU).
+plus, with two GPUs: all-reduce of one decode step's hidden states, eager and inside a CUDA
+graph (2 x layers in a row), NCCL and peer memory, in two processes of their own; TP=2 again
+with NCCL for every sum (`peer_all_reduce=False`; `--skip-nccl-only` skips it); and float32
+greedy parity, TP=2 against TP=1, on a small random model. `--broadcast-only` measures the
+step-input broadcast alone (two processes, gloo; runs on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -60,6 +62,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="tokens generated per request when timing ITL (default: 128)")  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true", help="skip the throughput run")
     p.add_argument("--skip-parity", action="store_true", help="skip the float32 parity check")
+    p.add_argument("--skip-nccl-only", action="store_true",
+                   help="skip TP=2 with NCCL for every sum (peer_all_reduce=False)")  # fmt: skip
     p.add_argument("--broadcast-only", action="store_true",
                    help="only time the step-input broadcast (two processes, gloo)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -98,14 +102,17 @@ def _full(args: argparse.Namespace, work: Path, result: dict[str, Any], save: An
     if torch.cuda.device_count() >= 2:
         result["allreduce"] = allreduce_probe(shape["hidden_size"], shape["num_hidden_layers"])
         save()
-    for size in args.sizes:
+    runs = [(f"tp{size}", size, True) for size in args.sizes]
+    if 2 in args.sizes and torch.cuda.is_available() and not args.skip_nccl_only:
+        runs.append(("tp2_nccl_only", 2, False))
+    for name, size, peer in runs:
         started = time.perf_counter()
         try:
-            result[f"tp{size}"] = asyncio.run(_measure(model_dir, size, args))
+            result[name] = asyncio.run(_measure(model_dir, size, args, peer))
         except Exception as exc:  # record it, and still measure the other sizes
             traceback.print_exc()
-            result[f"tp{size}"] = {"error": repr(exc)}
-        result[f"tp{size}"]["total_s"] = time.perf_counter() - started
+            result[name] = {"error": repr(exc)}
+        result[name]["total_s"] = time.perf_counter() - started
         _release_memory()
         save()
     _ratios(result, args.sizes)
@@ -133,9 +140,13 @@ def _ratios(result: dict[str, Any], sizes: list[int]) -> None:
 # ---- one engine ------------------------------------------------------------------------------
 
 
-async def _measure(model_dir: Path, size: int, args: argparse.Namespace) -> dict[str, Any]:
+async def _measure(
+    model_dir: Path, size: int, args: argparse.Namespace, peer: bool
+) -> dict[str, Any]:
     started = time.perf_counter()
-    engine = AsyncEngine.from_pretrained(str(model_dir), tensor_parallel_size=size)
+    engine = AsyncEngine.from_pretrained(
+        str(model_dir), tensor_parallel_size=size, peer_all_reduce=peer
+    )
     out: dict[str, Any] = {}
     async with engine:
         out["start_s"] = time.perf_counter() - started
@@ -143,6 +154,7 @@ async def _measure(model_dir: Path, size: int, args: argparse.Namespace) -> dict
         assert runner is not None
         out["kv_blocks"] = runner.num_kv_blocks
         out["cuda_graphs"] = runner.graphs is not None
+        out["peer_all_reduce"] = runner.tp.peer is not None
         await engine.generate_many([[5] * 300] * 8, SamplingParams(max_tokens=8))  # warm-up
         engine.reset_prefix_cache()
         for batch in (1, 64):
@@ -218,13 +230,15 @@ async def _profile_decode(engine: AsyncEngine, batch: int, steps: int = 24) -> d
     counted = engine.stats().num_steps - first
     for stream in streams:
         await stream.aclose()
-    kernels = [(e.key, _device_us(e)) for e in prof.key_averages()]
-    nccl = sum(us for key, us in kernels if "nccl" in key.lower())
+    kernels = [(e.key.lower(), _device_us(e)) for e in prof.key_averages()]
+    nccl = sum(us for key, us in kernels if "nccl" in key)
+    peer = sum(us for key, us in kernels if "all_reduce" in key and "nccl" not in key)
     total = sum(us for _, us in kernels)
     return {
         "profiled_steps": counted,
         "device_us_per_step": total / counted if counted else None,
         "nccl_us_per_step": nccl / counted if counted else None,
+        "peer_all_reduce_us_per_step": peer / counted if counted else None,
     }
 
 
@@ -350,35 +364,48 @@ def probe_rank(settings: dict[str, Any]) -> None:
 
 
 def _allreduce_times(tp: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Each path's time per all-reduce, for one decode step's hidden states at a few batch
+    sizes: NCCL always, and peer memory when this machine has it."""
     hidden, calls = settings["hidden"], 2 * settings["layers"]
-    out: dict[str, Any] = {"calls_per_step": calls}
-    for batch in (1, 64, 256):
-        x = torch.full((batch, hidden), float(tp.rank + 1), dtype=torch.bfloat16, device="cuda")
-        tp.all_reduce(x)
-        torch.cuda.synchronize()
-        assert bool((x == 3).all()), "all-reduce gave a wrong sum"
-        eager_us = _timed_us(lambda x=x: tp.all_reduce(x), repeats=200)
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            tp.all_reduce(x)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            for _ in range(calls):
-                tp.all_reduce(x)
-        x.fill_(float(tp.rank + 1))
-        graph.replay()
-        torch.cuda.synchronize()
-        # Each replayed all-reduce doubles the sum of the two ranks' (1 + 2): exact in bf16.
-        assert bool((x == 3.0 * 2.0 ** (calls - 1)).all()), "graph sum wrong"
-        graph_us = _timed_us(graph.replay, repeats=20) / calls
-        out[f"batch{batch}"] = {
-            "bytes": batch * hidden * 2,
-            "eager_us": eager_us,
-            "graph_us": graph_us,
-            "graph_us_per_step": graph_us * calls,
-        }
+    paths = {"nccl": dataclasses.replace(tp, peer=None)}
+    if tp.peer is not None:
+        paths["peer"] = tp
+    out: dict[str, Any] = {"calls_per_step": calls, "peer_available": tp.peer is not None}
+    for batch in (1, 8, 64, 256):
+        for name, group in paths.items():
+            x = torch.full((batch, hidden), float(tp.rank + 1), dtype=torch.bfloat16,
+                           device="cuda")  # fmt: skip
+            if group.peer is not None and not group.peer.fits(x):
+                continue  # NCCL's, whichever path is asked for
+            out[f"{name}_batch{batch}"] = _path_times(group, x, calls)
     return out
+
+
+def _path_times(tp: Any, x: torch.Tensor, calls: int) -> dict[str, Any]:
+    ones = x.clone()  # each rank's rank + 1 (NCCL sums `x` in place below)
+    assert bool((tp.all_reduce(ones.clone()) == 3).all()), "all-reduce gave a wrong sum"
+    eager_us = _timed_us(lambda: tp.all_reduce(x), repeats=200)
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        tp.all_reduce(ones.clone())
+    torch.cuda.synchronize()
+    y = ones.clone()
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        z = y
+        for _ in range(calls):
+            z = tp.all_reduce(z)
+    graph.replay()
+    torch.cuda.synchronize()
+    # Each replayed all-reduce doubles the sum of the two ranks' (1 + 2): exact in bf16.
+    assert bool((z == 3.0 * 2.0 ** (calls - 1)).all()), "graph sum wrong"
+    graph_us = _timed_us(graph.replay, repeats=20) / calls
+    return {
+        "bytes": x.numel() * x.element_size(),
+        "eager_us": eager_us,
+        "graph_us": graph_us,
+        "graph_us_per_step": graph_us * calls,
+    }
 
 
 def _timed_us(fn: Any, repeats: int) -> float:

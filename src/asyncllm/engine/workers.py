@@ -179,7 +179,7 @@ def _start_spawned(model_dir: Path, model_config: ModelConfig, config: EngineCon
         for rank in range(1, world):
             pool.add(_spawn(_WorkerSpec(model_dir, model_config, config, rank, "127.0.0.1",
                                         store.port, devices[rank], limit)))  # fmt: skip
-        pool.attach(pool.connect_rank0(devices[0], limit))
+        pool.attach(pool.connect_rank0(devices[0], limit, config.peer_all_reduce))
         runner = ModelRunner(model_dir, model_config, config, pool.tp)
     except BaseException as exc:
         error = pool.startup_error(exc)
@@ -278,7 +278,7 @@ class WorkerPool:
         """Every rank is ready: from now on shutdown tells them to stop (before, it kills)."""
         self._serving = True
 
-    def connect_rank0(self, device: torch.device, limit_s: float) -> TPGroup:
+    def connect_rank0(self, device: torch.device, limit_s: float, peer: bool) -> TPGroup:
         """Build rank 0's groups, giving up as soon as a worker fails (building them waits
         for every rank, which a worker that died while starting would never join)."""
         world = len(self._workers) + 1
@@ -287,7 +287,7 @@ class WorkerPool:
         def build() -> None:
             try:
                 result.append(connect(self._store, 0, world, device, loopback=True,
-                                      timeout_s=limit_s))  # fmt: skip
+                                      timeout_s=limit_s, peer_all_reduce=peer))  # fmt: skip
             except BaseException as exc:
                 result.append(exc)
 
@@ -488,7 +488,10 @@ def _worker_main(boot: dict[str, Any]) -> None:
         if spec.device.type == "cuda":
             torch.cuda.set_device(spec.device)
         store = dist.TCPStore(spec.host, spec.port, world, is_master=False)
-        tp = connect(store, spec.rank, world, spec.device, loopback=True, timeout_s=spec.timeout_s)
+        tp = connect(
+            store, spec.rank, world, spec.device, loopback=True, timeout_s=spec.timeout_s,
+            peer_all_reduce=spec.config.peer_all_reduce,
+        )  # fmt: skip
         serve_steps(ModelRunner(spec.model_dir, spec.model_config, spec.config, tp))
     except BaseException as exc:
         code = 1
@@ -583,4 +586,5 @@ def _torchrun_group(
     store: Any, config: EngineConfig, rank: int, world: int, local_rank: int
 ) -> TPGroup:
     device = rank_device(config, rank, local_rank)
-    return connect(store, rank, world, device, loopback=False, timeout_s=timeout_s())
+    return connect(store, rank, world, device, loopback=False, timeout_s=timeout_s(),
+                   peer_all_reduce=config.peer_all_reduce)  # fmt: skip
