@@ -1,70 +1,53 @@
-"""nano-vllm on the workload of `asyncllm bench throughput`, for a number side by side.
+"""nano-vllm alone on the workload of `asyncllm bench throughput`, for a number side by side.
 
-nano-vllm (MIT; a copy lives in ../shared/peers/nano-vllm) is a peer to measure against, not a
-dependency: put its folder on PYTHONPATH. It needs flash-attn and a checkpoint directory with
-a tokenizer; the random Qwen3-0.6B-shaped one `asyncllm bench throughput --work-dir DIR`
-writes works. Same prompts, output lengths and temperature as the asyncllm run (the
-project's own `workload()`), timed after a short warm-up, like run (a) of the bench.
+The same peer run as `asyncllm bench throughput --peers nano-vllm` (asyncllm.bench.peers),
+without asyncllm's own runs: the project's `workload()` (same prompts, output lengths and
+temperature), in a process of its own, timed after a short warm-up. It needs CUDA,
+flash-attn and nano-vllm's source (../shared/peers/nano-vllm, carried as .peers/nano-vllm),
+and a checkpoint directory with a tokenizer: the random Qwen3-0.6B-shaped one
+`asyncllm bench throughput --work-dir DIR` writes works.
 
 Usage:
-    PYTHONPATH=src:.peers/nano-vllm python3 benchmarks/nanovllm_peer.py \
+    PYTHONPATH=src python3 benchmarks/nanovllm_peer.py --nano-vllm-path .peers/nano-vllm \
         --model /tmp/asyncllm-bench/asyncllm-qwen3-0.6b-random --out nanovllm.json
+
+Exits 1 when the peer was skipped or failed (the JSON says why).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
-import torch
-
+from asyncllm.bench.peers import PeerOptions, PeerWorkload, default_nano_vllm_path, run_peer
 from asyncllm.bench.throughput import workload
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--nano-vllm-path", type=Path, default=None,
+                        help="folder holding the nanovllm package (default: $NANO_VLLM_PATH, "
+                             "else .peers/nano-vllm)")  # fmt: skip
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
 
-    from nanovllm import LLM, SamplingParams
-
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     prompts, outputs = workload(args.num_requests, args.seed, (100, 1024), (100, 1024), vocab)
-    llm = LLM(args.model, enforce_eager=False, max_model_len=args.max_model_len)
-    llm.generate(prompts[:16], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-    params = [
-        SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in outputs
-    ]
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = sum(len(o["token_ids"]) for o in outs)
-    result = {
-        "engine": "nano-vllm",
-        "device": torch.cuda.get_device_name(),
-        "requests": len(prompts),
-        "output_tokens": generated,
-        "expected_output_tokens": sum(outputs),
-        "seconds": seconds,
-        "tok_per_s": generated / seconds,
-    }
+    spec = PeerWorkload(model_dir=args.model, prompts=prompts, output_lens=outputs,
+                        temperature=args.temperature, device="cuda", dtype="bfloat16")  # fmt: skip
+    options = PeerOptions(nano_vllm_path=args.nano_vllm_path or default_nano_vllm_path())
+    measured = run_peer("nano-vllm", spec, options)
+    result = {"engine": "nano-vllm", "requests": len(prompts), **measured}
     print(json.dumps(result, indent=2), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    # nano-vllm tears down its process group at exit; on this machine such a teardown has hung
-    # before (../shared/GPU_MACHINE.md), and the result is already written.
-    os._exit(0)
+    return 0 if "tok_per_s" in result else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

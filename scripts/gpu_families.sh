@@ -17,7 +17,7 @@
 #          benchmarks/moe.py (one MoE layer, fused vs per-expert loop, batch 1..512)
 #   tests  the families' GPU tests and the fused MoE kernel tests (no pytest-asyncio needed)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/asyncllm-out}
 MODELS=${MODELS:-/tmp/asyncllm-models}   # random checkpoints (about 15 GB in all)
 mkdir -p "$OUT" "$MODELS"

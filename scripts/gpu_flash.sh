@@ -16,10 +16,9 @@
 #   kernels   benchmarks/attention_backends.py: decode/prefill kernels, Triton vs flash-attn
 # and last a summary table (scripts/gpu_flash_summary.py, also in $OUT/summary.txt).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/asyncllm-flash}
 BUDGET_S=${BUDGET_S:-530}
-SITE=/tmp/asyncllm-flash-site
 WORK=/tmp/asyncllm-bench
 mkdir -p "$OUT" "$WORK"
 : > "$OUT/steps.txt"
@@ -43,15 +42,10 @@ step() {  # step NAME CAP_S CMD...: run CMD for at most min(CAP_S, the budget le
   echo "$name exit=$rc seconds=$((SECONDS - start))" >>"$OUT/steps.txt"
 }
 
-shopt -s nullglob
-wheels=(.whl/flash_attn-*.whl .whl/pytest_asyncio-*.whl)
-echo "wheels: ${wheels[*]:-none}"
-rm -rf "$SITE"
-if ((${#wheels[@]})); then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}"
-fi
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
+gpu_env_setup || exit 1
 [[ -n $(compgen -G ".whl/flash_attn-*.whl") ]] || echo "!!! no flash_attn wheel in .whl/: flash-attn steps will fail"
-export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1
 
 step env 60 python3 - <<'PY'
 import subprocess, sys
@@ -89,9 +83,8 @@ for backend in flash_attn triton; do
 done
 
 if [[ -d .peers/nano-vllm/nanovllm ]]; then
-  PYTHONPATH="$PYTHONPATH:$PWD/.peers/nano-vllm" step nanovllm 150 python3 \
-    benchmarks/nanovllm_peer.py --model "$WORK/asyncllm-qwen3-0.6b-random" \
-    --out "$OUT/nanovllm.json"
+  step nanovllm 150 python3 benchmarks/nanovllm_peer.py --nano-vllm-path .peers/nano-vllm \
+    --model "$WORK/asyncllm-qwen3-0.6b-random" --out "$OUT/nanovllm.json"
 else
   echo "### nanovllm: SKIPPED, no .peers/nano-vllm (cp -r ../shared/peers/nano-vllm .peers/)"
 fi

@@ -66,8 +66,9 @@ def throughput_lines(out: Path) -> tuple[list[str], dict[str, float]]:
             f"{launch:>8.1f}"
         )
     nano = load(out / "nanovllm.json")
-    if "missing" in nano:
-        rows.append(f"{'nano-vllm':<24} {nano['missing']}")
+    if "tok_per_s" not in nano:
+        why = nano.get("missing") or nano.get("skipped") or nano.get("error")
+        rows.append(f"{'nano-vllm':<24} {why}")
     else:
         offline["nano-vllm"] = nano["tok_per_s"]
         rows.append(f"{'nano-vllm':<24} {'True':>6} {nano['tok_per_s']:>13,.0f}")

@@ -20,14 +20,15 @@
 #     typing-inspection==0.4.5 typing-extensions==4.16.0 annotated-doc==0.0.7 \
 #     opentelemetry-api==1.45.2 uvicorn==0.54.0 httptools==0.9.0
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/asyncllm-out}
 mkdir -p "$OUT"
-SITE=/tmp/asyncllm-serve-site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" .whl/*.whl || exit 1
-# The server runs as a child process: it inherits this path (src/ first: no install needed).
-export PYTHONPATH="$PWD/src:$SITE" PYTHONUNBUFFERED=1
+# src/ and the wheels' folder on PYTHONPATH (scripts/gpu_env.sh): the server runs as a child
+# process and inherits it.
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
+gpu_env_setup || exit 1
+python3 -c "import fastapi, uvicorn" || { echo "fastapi/uvicorn missing: carry them in .whl/"; exit 1; }
 MODEL=/tmp/asyncllm-qwen3-0.6b-random
 python3 -c "from pathlib import Path; from asyncllm.bench.model import write_random_qwen3; \
 write_random_qwen3(Path('$MODEL'))" || exit 1

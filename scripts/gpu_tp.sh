@@ -12,7 +12,7 @@
 #        bench      asyncllm bench tp (ITL, tok/s, NCCL per step, parity) -> bench_tp.json/.log
 # TP_BENCH_ARGS adds options to `bench tp` (e.g. --skip-parity). Everything lands in $OUT (default /tmp/asyncllm-out); the trace of this script in $OUT/log.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/asyncllm-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log") 2>&1

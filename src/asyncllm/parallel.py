@@ -7,9 +7,10 @@ process-wide default group, so two engines in one process never share one):
 - `device_group`: the collectives of the forward pass (NCCL on CUDA, gloo on CPU);
 - `cpu_group`: gloo over TCP, for what rank 0 tells the other ranks (step inputs, stop).
 
-On GPUs of one host a `PeerAllReduce` (torch symmetric memory) takes the small sums of the
-forward pass from NCCL: one kernel per rank reads every rank's buffer over NVLink, a fraction
-of NCCL's latency for the few KiB a decode step sums per layer.
+On GPUs of one host a `PeerAllReduce` (torch symmetric memory; opt-in, see
+`EngineConfig.peer_all_reduce`) can take the small sums of the forward pass from NCCL: one
+kernel per rank reads every rank's buffer over NVLink, a third of NCCL's latency for the few
+KiB a decode step sums per layer.
 
 Both are built from a store: a `TCPStore` on 127.0.0.1 at a port the OS picks (the workers an
 engine spawns learn it from their arguments), or torchrun's env:// store. At world size 1 a
@@ -66,8 +67,8 @@ DEFAULT_TIMEOUT_S = 300.0
 CONNECT_TIMEOUT_S = 600.0
 """How long building the groups may wait for the other ranks to start."""
 PEER_ALL_REDUCE_MAX_BYTES = 4 * 2**20
-"""Largest sum `PeerAllReduce` takes; larger ones go to NCCL. Where one-shot stops beating
-NCCL on two H200s (docs/benchmarks.md, "Tensor parallelism")."""
+"""Largest sum `PeerAllReduce` takes; larger ones go to NCCL. One-shot still beats NCCL
+there on two H200s: 35 against 44 us in a CUDA graph (docs/benchmarks.md)."""
 
 logger = logging.getLogger("asyncllm.parallel")
 
@@ -278,7 +279,7 @@ def _bounded(fn: Any, timeout_s: float) -> None:
 def connect(
     store: Any, rank: int, world_size: int, device: torch.device, *, loopback: bool,
     timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    peer_all_reduce: bool = True,
+    peer_all_reduce: bool = False,
 ) -> TPGroup:  # fmt: skip
     """Build this rank's groups on `store` (every rank calls this with the same store).
 
@@ -328,22 +329,18 @@ def _peer_all_reduce(tp: TPGroup, store: Any, spawned: bool) -> PeerAllReduce | 
 def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
     from torch.distributed import _symmetric_memory as symm_mem
 
-    # Symmetric memory finds the ranks through a process group registered under a name: one
-    # of this engine's own (two engines in one process never share one), agreed on through
-    # the engine's store, over the engine's NCCL backend.
+    # Symmetric memory finds the ranks through a process group registered under a name (it
+    # needs its rank, size and store, no backend): a name of this engine's own, so two
+    # engines in one process never share one, agreed on through the engine's store.
     if tp.rank == 0:
         store.set("name", f"asyncllm-{uuid.uuid4().hex}")
     name = store.get("name").decode()
     _rendezvous.count += 1  # from the first attempt: a failed one may have used numbers
-    nccl = dist.ProcessGroup.BackendType.NCCL
     group = dist.ProcessGroup(store, tp.rank, tp.world_size)
-    group._set_default_backend(nccl)
-    group._register_backend(torch.device("cuda"), nccl, tp._device_group())
     group._set_group_name(name)
     _c10d._register_process_group(name, group)
     peer = PeerAllReduce(torch.empty(0), name)  # unregisters the name if what follows fails
     try:
-        _c10d._SymmetricMemory.set_group_info(name, tp.rank, tp.world_size, store)
         # A fresh allocation, not symm_mem.empty's pool: a pooled block freed by an earlier
         # engine comes back mapped to that engine's (gone) peers.
         buffer = _c10d._SymmetricMemory.empty_strided_p2p(
@@ -358,9 +355,9 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
 
 
 def _client(store: Any) -> Any:
-    """`store` over a client connection of its own where it is a TCPStore: torch keeps the
-    store symmetric memory is given until the process exits, and a TCPStore that serves
-    (rank 0's) torn down then, its server thread still running, aborts the process."""
+    """`store` over a client connection of its own where it is a TCPStore: symmetric memory
+    may keep the store it is given until the process exits, and rank 0's TCPStore serves
+    the engine's other ranks from a thread that must stop with the engine."""
     if not isinstance(store, dist.TCPStore):
         return store
     return dist.TCPStore(store.host, store.port, is_master=False, wait_for_workers=False)

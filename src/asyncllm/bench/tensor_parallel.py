@@ -11,7 +11,8 @@ tensor_parallel_size in turn:
 
 plus, with two GPUs: all-reduce of one decode step's hidden states, eager and inside a CUDA
 graph (2 x layers in a row), NCCL and peer memory, in two processes of their own; TP=2 again
-with NCCL for every sum (`peer_all_reduce=False`; `--skip-nccl-only` skips it); and float32
+with small sums over peer memory (`peer_all_reduce=True`, after which this process aborts
+at exit: see `EngineConfig.peer_all_reduce`; `--skip-peer` skips it); and float32
 greedy parity, TP=2 against TP=1, on a small random model. `--broadcast-only` measures the
 step-input broadcast alone (two processes, gloo; runs on a CPU).
 """
@@ -62,8 +63,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="tokens generated per request when timing ITL (default: 128)")  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true", help="skip the throughput run")
     p.add_argument("--skip-parity", action="store_true", help="skip the float32 parity check")
-    p.add_argument("--skip-nccl-only", action="store_true",
-                   help="skip TP=2 with NCCL for every sum (peer_all_reduce=False)")  # fmt: skip
+    p.add_argument("--skip-peer", action="store_true",
+                   help="skip TP=2 with small sums over peer memory (peer_all_reduce)")  # fmt: skip
     p.add_argument("--broadcast-only", action="store_true",
                    help="only time the step-input broadcast (two processes, gloo)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -102,9 +103,9 @@ def _full(args: argparse.Namespace, work: Path, result: dict[str, Any], save: An
     if torch.cuda.device_count() >= 2:
         result["allreduce"] = allreduce_probe(shape["hidden_size"], shape["num_hidden_layers"])
         save()
-    runs = [(f"tp{size}", size, True) for size in args.sizes]
-    if 2 in args.sizes and torch.cuda.is_available() and not args.skip_nccl_only:
-        runs.append(("tp2_nccl_only", 2, False))
+    runs = [(f"tp{size}", size, False) for size in args.sizes]
+    if 2 in args.sizes and torch.cuda.device_count() >= 2 and not args.skip_peer:
+        runs.append(("tp2_peer", 2, True))
     for name, size, peer in runs:
         started = time.perf_counter()
         try:
@@ -354,7 +355,8 @@ def probe_rank(settings: dict[str, Any]) -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    tp = connect(dist.PrefixStore(kind, store), rank, 2, device, loopback=True)
+    tp = connect(dist.PrefixStore(kind, store), rank, 2, device, loopback=True,
+                 peer_all_reduce=cuda)  # fmt: skip
     try:
         result = _allreduce_times(tp, settings) if cuda else _broadcast_times(tp)
     finally:
