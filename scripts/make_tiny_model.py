@@ -10,6 +10,7 @@ ended by <|im_end|>.
     python scripts/make_tiny_model.py              # (re)write src/asyncllm/assets/tiny-qwen3
     python scripts/make_tiny_model.py --check      # retrain in a temp dir, compare SHA-256 of files
     python scripts/make_tiny_model.py --out /tmp/m --steps 100   # quick experiment
+    python scripts/make_tiny_model.py --checkpoint /tmp/ckpt.pt  # a killed run resumes here
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ SEQ_LEN = 512  # long enough for a whole chat, so "make it shorter" sees the sto
 BATCH_SIZE = 4
 DEFAULT_STEPS = 2400
 PEAK_LR = 3e-3
+CHECKPOINT_EVERY = 100  # steps, with --checkpoint
 PROMPTS = ("Once upon a time", "The little dog", "One day")
 SAMPLE_CHATS = (
     [Message("user", "Tell me a story.")],
@@ -251,15 +253,60 @@ def batches(stream: TokenStream, steps: int) -> Iterator[tuple[torch.Tensor, tor
         yield ids, ids.masked_fill(~trained, -100)
 
 
-def train(model: Qwen3ForCausalLM, stream: TokenStream, steps: int) -> float:
-    """Train on windows of the token stream; returns the mean loss of the last 50 steps."""
+def recipe_digest() -> str:
+    """SHA-256 of this script and the corpus: a checkpoint resumes only the same recipe."""
+    digest = hashlib.sha256()
+    for name in ("make_tiny_model.py", "tiny_corpus.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
+def resume(
+    model: Qwen3ForCausalLM, optimizer: torch.optim.Optimizer, checkpoint: Path | None, steps: int
+) -> tuple[int, list[float]]:
+    """Load a checkpoint of this recipe if there is one; the step to go on from, recent losses."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0, []
+    state = torch.load(checkpoint, weights_only=True)
+    if state["recipe"] != recipe_digest() or state["steps"] != steps:
+        raise SystemExit(f"{checkpoint} is from another recipe or step count; delete it")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming from {checkpoint} at step {state['step']}")
+    return int(state["step"]), list(state["recent"])
+
+
+def save_checkpoint(
+    path: Path, model: Qwen3ForCausalLM, optimizer: torch.optim.Optimizer, step: int,
+    steps: int, recent: list[float],
+) -> None:  # fmt: skip
+    """Everything training needs to go on from `step` bit for bit, written atomically."""
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        "steps": steps, "recent": recent, "recipe": recipe_digest(),
+    }  # fmt: skip
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def train(
+    model: Qwen3ForCausalLM, stream: TokenStream, steps: int, checkpoint: Path | None = None
+) -> float:
+    """Train on windows of the token stream; returns the mean loss of the last 50 steps.
+
+    With `checkpoint`, the state is saved there every CHECKPOINT_EVERY steps and a killed run
+    goes on from it; the weights come out the same as from an unbroken run.
+    """
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=PEAK_LR, weight_decay=0.1, betas=(0.9, 0.95)
     )
     model.train()
-    recent: list[float] = []
+    first, recent = resume(model, optimizer, checkpoint, steps)
     start = time.monotonic()
     for step, (ids, labels) in enumerate(batches(stream, steps)):
+        if step < first:
+            continue  # the batches are drawn all the same, so the later ones do not change
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps)
         # The model shifts labels by one itself.
@@ -271,10 +318,12 @@ def train(model: Qwen3ForCausalLM, stream: TokenStream, steps: int) -> float:
         recent = [*recent[-49:], loss.item()]
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.monotonic() - start:6.1f}s")
+        if checkpoint is not None and (step + 1) % CHECKPOINT_EVERY == 0:
+            save_checkpoint(checkpoint, model, optimizer, step + 1, steps, recent)
     return sum(recent) / len(recent)
 
 
-def build(out: Path, steps: int) -> None:
+def build(out: Path, steps: int, checkpoint: Path | None = None) -> None:
     """Make corpus, tokenizer and model, and write them all to `out`."""
     random.seed(SEED)
     torch.manual_seed(SEED)
@@ -295,7 +344,7 @@ def build(out: Path, steps: int) -> None:
     model = Qwen3ForCausalLM(model_config(vocab_size, eos_id)).float()
     print(f"model: {sum(p.numel() for p in model.parameters())} parameters")
     start = time.monotonic()
-    final_loss = train(model, stream, steps)
+    final_loss = train(model, stream, steps, checkpoint)
     print(f"trained {steps} steps in {time.monotonic() - start:.0f}s, final loss {final_loss:.3f}")
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
@@ -334,10 +383,10 @@ def file_digests(folder: Path) -> dict[str, str]:
     }
 
 
-def check(shipped_dir: Path, steps: int) -> int:
+def check(shipped_dir: Path, steps: int, checkpoint: Path | None) -> int:
     """Rebuild into a temporary folder; 0 if every file matches the shipped one byte for byte."""
     with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp), steps)
+        build(Path(tmp), steps, checkpoint)
         fresh, shipped = file_digests(Path(tmp)), file_digests(shipped_dir)
     for name in sorted(fresh.keys() | shipped.keys()):
         status = "ok" if fresh.get(name) == shipped.get(name) else "MISMATCH"
@@ -351,10 +400,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=SHIPPED_DIR, help="where to write the model")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
     parser.add_argument("--check", action="store_true", help="verify --out reproduces")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="save training state here; resume from it if present"
+    )
     args = parser.parse_args()
     if args.check:
-        return check(args.out, args.steps)
-    build(args.out, args.steps)
+        return check(args.out, args.steps, args.checkpoint)
+    build(args.out, args.steps, args.checkpoint)
     show_samples(args.out)
     return 0
 
