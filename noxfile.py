@@ -28,17 +28,28 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", "not gpu", *session.posargs)
 
 
+def _run_from_source(session: nox.Session) -> None:
+    """Import the project from src/ in the current interpreter: no install, so pip never
+    tries to fetch torch (or anything) on an offline GPU machine, and a second run is the
+    same as the first."""
+    paths = [str(Path("src").resolve()), os.environ.get("PYTHONPATH", "")]
+    session.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+
+
 @nox.session(venv_backend="none")
 def gpu_tests(session: nox.Session) -> None:
     """The GPU suite, in the current interpreter (which must already have CUDA torch).
 
-    Works offline: missing test dependencies come from wheels in .whl/ if it exists.
+    Works offline: pytest-asyncio, if missing, comes from the wheels in .whl/ (no index is
+    asked then); `scripts/gpu_machine.sh tests` does the same without nox.
     """
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
-    if WHEELS.is_dir():
-        pip += ["--no-index", "--find-links", str(WHEELS)]
-    session.run(*pip, "pytest-asyncio", external=True)
-    session.run(*pip, "--no-build-isolation", "-e", ".", external=True)
+    _run_from_source(session)
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('pytest_asyncio') is None)"
+    if subprocess.run([sys.executable, "-c", probe], check=False).returncode != 0:
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
+        if WHEELS.is_dir():
+            pip += ["--no-index", "--find-links", str(WHEELS)]
+        session.run(*pip, "pytest-asyncio", external=True)
     session.run(
         sys.executable,
         "-m",
@@ -69,10 +80,10 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """The benchmarks, in the current interpreter (which needs torch): scheduler overhead
-    and event-loop lag everywhere; on CUDA also throughput against transformers and decode
-    attention. JSON results go to .bench/ (record them in docs/benchmarks.md)."""
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-    session.run(*pip, "-e", ".", external=True)
+    and event-loop lag everywhere; on CUDA also throughput against its peers (`--peers` in
+    posargs; default transformers) and decode attention; on two GPUs tensor parallelism
+    (TP=1 vs TP=2). JSON results go to .bench/ (record them in docs/benchmarks.md)."""
+    _run_from_source(session)
     out = Path(".bench")
     out.mkdir(exist_ok=True)
     run = functools.partial(session.run, sys.executable, external=True)
@@ -83,3 +94,6 @@ def bench(session: nox.Session) -> None:
         run("-m", "asyncllm", "bench", "throughput", "--out", str(out / "throughput.json"),
             *session.posargs)  # fmt: skip
         run("benchmarks/attention.py", "--out", str(out / "attention.json"))
+    two_gpus = "import sys, torch; sys.exit(0 if torch.cuda.device_count() >= 2 else 1)"
+    if subprocess.run([sys.executable, "-c", two_gpus], check=False).returncode == 0:
+        run("-m", "asyncllm", "bench", "tp", "--out", str(out / "tp.json"))

@@ -1,9 +1,16 @@
-"""A FastAPI app: the engine lives in the app's lifespan; completions stream as server-sent
-events; a client that disconnects aborts its request.
+"""Mounting asyncllm's OpenAI-compatible server inside an existing FastAPI app.
 
-    pip install fastapi uvicorn
+The app below has routes of its own (`/generate`, a plain server-sent-event stream, and
+`/stats`) and serves the OpenAI API under `/openai`, all from one engine that lives in the
+app's lifespan. A client that disconnects aborts its request on either side.
+
+    pip install "asyncllm[server]"
     uvicorn examples.fastapi_app:app --port 8000
     curl -N "localhost:8000/generate?prompt=Once%20upon%20a%20time&max_tokens=64"
+    curl localhost:8000/openai/v1/completions -H "Content-Type: application/json" \\
+        -d '{"prompt": "Once upon a time", "max_tokens": 32}'
+
+or with OpenAI's client: `OpenAI(base_url="http://localhost:8000/openai/v1", api_key="-")`.
 """
 
 from __future__ import annotations
@@ -17,24 +24,30 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 
 from asyncllm import AsyncEngine, SamplingParams, errors
+from asyncllm.server import create_app
+
+engine = AsyncEngine.from_pretrained()  # the embedded tiny model; the weights load on start
+openai_api = create_app(engine, served_model_name="tiny")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with AsyncEngine.from_pretrained() as engine:
-        app.state.engine = engine
+    # A mounted app's own lifespan does not run, so the engine starts here; the mounted
+    # server sees it running and leaves its start and stop to us.
+    async with engine:
         yield  # leaving aborts whatever is still streaming
 
 
 app = FastAPI(lifespan=lifespan)
+app.mount("/openai", openai_api)
 
 
 @app.get("/generate")
 async def generate(prompt: str, max_tokens: int = 64, temperature: float = 0.0) -> Any:
-    engine: AsyncEngine = app.state.engine
     try:
-        stream = engine.stream(prompt, SamplingParams(max_tokens=max_tokens,
-                                                      temperature=temperature))  # fmt: skip
+        stream = engine.stream(
+            prompt, SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        )
     except errors.InvalidRequestError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from exc
 
@@ -52,5 +65,4 @@ async def generate(prompt: str, max_tokens: int = 64, temperature: float = 0.0) 
 
 @app.get("/stats")
 async def stats() -> dict[str, Any]:
-    engine: AsyncEngine = app.state.engine
     return engine.stats()._asdict()

@@ -1,36 +1,53 @@
 #!/usr/bin/env bash
-# Run asyncllm's GPU checks on an offline machine whose python3 already has CUDA torch.
+# Run asyncllm's GPU checks on a bare, offline machine whose python3 already has CUDA torch
+# (scripts/gpu_env.sh readies it: src/ on PYTHONPATH, wheels from .whl/; safe to run twice).
 #
-#   bash scripts/gpu_machine.sh tests        # nox -s gpu_tests
-#   bash scripts/gpu_machine.sh bench        # throughput (vs transformers) + attention
+#   bash scripts/gpu_machine.sh tests       # the GPU suite (kernel tests in parallel, then the rest)
+#   bash scripts/gpu_machine.sh throughput  # asyncllm bench throughput vs nano-vllm and transformers
+#   bash scripts/gpu_machine.sh bench       # throughput, then benchmarks/attention.py
+#   bash scripts/gpu_machine.sh soak        # asyncllm bench soak: 10,000 requests, float32
 #
-# Test tools that machine lacks (nox, pytest-asyncio and their needs) come from wheels in
-# .whl/, fetched beforehand on a machine with network access:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --platform manylinux_2_28_x86_64 -d .whl nox pytest-asyncio argcomplete colorlog \
-#     dependency-groups virtualenv distlib platformdirs humanize python-discovery packaging filelock
+# Carried, git-ignored folders (see the README's GPU section):
+#   .whl/             wheels the machine lacks: pytest-asyncio for the tests, flash-attn
+#                     (../shared/wheels) for its tests and for nano-vllm
+#   .peers/nano-vllm  a copy of ../shared/peers/nano-vllm: the nano-vllm peer of `throughput`
+#                     (another folder: NANO_VLLM_PATH=...); without it that peer is skipped
+# Results and logs go to $OUT (default /tmp/asyncllm-out).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/asyncllm-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/asyncllm-site .whl/*.whl
-export PYTHONPATH=/tmp/asyncllm-site PYTHONUNBUFFERED=1
+WORK=${WORK:-/tmp/asyncllm-bench}  # the random checkpoint, written on first use
+mkdir -p "$OUT" "$WORK"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
+gpu_env_setup || exit 1
+
+throughput() {  # the issue-11 run: block 256, both peers, the floor; JSON in $OUT
+  "$PY" -m asyncllm bench throughput --peers nano-vllm,transformers --block-size 256 \
+    --nano-vllm-path "${NANO_VLLM_PATH:-.peers/nano-vllm}" --work-dir "$WORK" \
+    --out "$OUT/throughput-h200.json" 2>&1 | tee "$OUT/throughput.log"
+}
+
 status=0
 for what in "$@"; do
   case "$what" in
     tests)
       # Kernel tests spread over 8 processes; engine tests alone (they size pools from
       # free GPU memory).
-      python3 -m nox -s gpu_tests -- tests/gpu/test_triton_attention.py -q -n 8 \
-        -p no:cacheprovider 2>&1 | tee "$OUT/gpu-kernel-tests.log" || status=1
-      python3 -m nox -s gpu_tests -- tests/gpu -q --ignore=tests/gpu/test_triton_attention.py \
+      "$PY" -m pytest -m gpu tests/gpu/test_triton_attention.py -q -n 8 -p no:cacheprovider \
+        2>&1 | tee "$OUT/gpu-kernel-tests.log" || status=1
+      "$PY" -m pytest -m gpu tests/gpu -q --ignore=tests/gpu/test_triton_attention.py \
         -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu-engine-tests.log" || status=1 ;;
+    throughput)
+      throughput || status=1 ;;
     bench)
-      python3 -m asyncllm bench throughput --out "$OUT/throughput.json" 2>&1 \
-        | tee "$OUT/throughput.log" || status=1
-      python3 benchmarks/attention.py --out "$OUT/attention.json" 2>&1 \
+      throughput || status=1
+      "$PY" benchmarks/attention.py --out "$OUT/attention.json" 2>&1 \
         | tee "$OUT/attention.log" || status=1 ;;
-    *) echo "unknown step: $what" >&2; status=2 ;;
+    soak)
+      "$PY" -m asyncllm bench soak --device cuda --dtype float32 --tie-margin 1e-4 \
+        --no-progress --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" || status=1 ;;
+    *) echo "unknown step: $what (tests, throughput, bench, soak)" >&2; status=2 ;;
   esac
 done
 exit $status

@@ -1,4 +1,5 @@
-"""Test helpers: random Qwen3 checkpoints written by transformers itself, plus tokenizers."""
+"""Test helpers: random checkpoints (Qwen3 and the other families) written by transformers
+itself, plus tokenizers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from asyncllm.bench.model import byte_level_tokenizer
 from asyncllm.engine.core import DEFAULT_MODEL_DIR
@@ -70,9 +71,29 @@ def write_random_model(
     return model
 
 
+def write_family_model(
+    directory: Path, model_type: str, seed: int = 0, max_shard_size: str | None = None,
+    **settings: Any,
+) -> Any:  # fmt: skip
+    """Save a randomly initialised float32 model of transformers' `model_type` ("llama",
+    "mistral", "qwen2", "qwen3_moe", ...) and a tokenizer into `directory`; with
+    `max_shard_size`, as sharded safetensors with an index."""
+    # The wider init of write_random_model, for the same reason (no near-ties in greedy).
+    config = AutoConfig.for_model(
+        model_type, max_position_embeddings=1024, initializer_range=0.08, **settings
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(directory, **extra)
+    byte_level_tokenizer(config.vocab_size).save_pretrained(directory)
+    return model
+
+
 def load_reference(directory: Path) -> Qwen3ForCausalLM:
-    """transformers' own Qwen3 on the same weights, in float32 on the CPU."""
-    model: Qwen3ForCausalLM = Qwen3ForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    """transformers' own model (of the architecture config.json names) on the same weights,
+    in float32 on the CPU."""
+    model: Qwen3ForCausalLM = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     return model.eval()
 
 

@@ -1,14 +1,16 @@
-"""Every way a caller can stop reading aborts the request and gives its KV blocks back."""
+"""Every way a caller can stop reading aborts the request and gives its KV blocks back, and
+only that request: a stream and a request id each belong to one request."""
 
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 
 import anyio
 import pytest
 
-from asyncllm import AsyncEngine, EngineStats, SamplingParams
+from asyncllm import AsyncEngine, EngineStats, SamplingParams, StreamToken, errors
 from tests.models import all_blocks_unused
 
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
@@ -126,3 +128,84 @@ async def test_cancellations_among_many_requests_leak_nothing(
         stats = await wait_until_idle(engine)
         assert all_blocks_unused(stats)
         engine._core.blocks.check_invariants([])
+
+
+# ---- one request, one reader, one id -------------------------------------------------------------
+
+
+async def test_a_second_reader_of_one_stream_is_refused_and_the_first_reads_on(
+    engine: AsyncEngine,
+) -> None:
+    stream = engine.stream([1, 2, 3], SamplingParams(temperature=0, max_tokens=20))
+    read: dict[str, list[StreamToken]] = {}
+    refused: list[str] = []
+
+    async def reader(name: str) -> None:
+        read[name] = []
+        try:
+            async for token in stream:
+                read[name].append(token)
+        except errors.StreamInUseError:
+            refused.append(name)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(reader, "first")
+            group.start_soon(reader, "second")
+    assert len(refused) == 1
+    tokens = sorted(read["first"] + read["second"], key=lambda t: t.index)
+    assert [t.index for t in tokens] == list(range(20))  # every token, each read once
+    assert stream.output().finish_reason == "length"
+
+
+async def test_an_id_in_flight_is_refused_on_every_submission_path(engine: AsyncEngine) -> None:
+    taken = engine.stream([1, 2], LONG, request_id="taken")
+
+    def from_a_thread() -> None:
+        with pytest.raises(errors.DuplicateRequestIdError, match="'taken'"):
+            engine.generate_threadsafe([3], request_id="taken")
+        with pytest.raises(errors.DuplicateRequestIdError, match="'taken'"):
+            engine.stream_threadsafe([3], request_id="taken")
+
+    with pytest.raises(errors.DuplicateRequestIdError, match="already in flight"):
+        engine.stream([3], request_id="taken")
+    with pytest.raises(errors.DuplicateRequestIdError):
+        await engine.generate([3], request_id="taken")
+    await anyio.to_thread.run_sync(from_a_thread)
+    await taken.aclose()
+    reused = await engine.generate([3], SamplingParams(max_tokens=2), request_id="taken")
+    assert reused.usage.completion_tokens == 2  # free again once the first one ended
+
+
+async def test_automatic_ids_cannot_collide_with_chosen_ones(engine: AsyncEngine) -> None:
+    first = engine.stream([1, 2], LONG)
+    assert re.fullmatch(r"[0-9a-f]{32}-0", first.request_id)
+    with pytest.raises(errors.DuplicateRequestIdError):
+        engine.stream([3], request_id=first.request_id)
+    chosen = engine.stream([3, 4], LONG, request_id="req-1")  # the old scheme's next id
+    automatic = engine.stream([5, 6], LONG)
+    assert automatic.request_id == first.request_id[:-1] + "1"
+    await chosen.aclose()  # aborts "req-1" and nothing else
+    tokens = [await automatic.__anext__() for _ in range(3)]  # still running
+    assert [t.index for t in tokens] == [0, 1, 2]
+    await first.aclose()
+    await automatic.aclose()
+
+
+async def test_closing_an_old_stream_leaves_a_newer_request_with_its_id_alone(
+    engine: AsyncEngine,
+) -> None:
+    old = engine.stream([1, 2], SamplingParams(max_tokens=3), request_id="again")
+    assert len([t async for t in old]) == 3
+    new = engine.stream([3, 4], SamplingParams(temperature=0, max_tokens=10), request_id="again")
+    await old.aclose()
+    del old
+    gc.collect()  # and dropping it aborts nothing either
+    assert len([t async for t in new]) == 10
+    assert new.output().finish_reason == "length"
+
+
+@pytest.mark.parametrize("bad_id", ["", 7, b"id"])
+async def test_a_request_id_must_be_a_non_empty_string(engine: AsyncEngine, bad_id: object) -> None:
+    with pytest.raises(errors.InvalidRequestError, match="request_id must be a non-empty str"):
+        engine.stream([1], request_id=bad_id)  # type: ignore[arg-type]

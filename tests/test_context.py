@@ -14,7 +14,7 @@ from asyncllm.context import ForwardContext, current_forward_context, forward_co
 from asyncllm.engine.runner import ModelRunner, SampleSpec, SeqStep
 from asyncllm.errors import NoForwardContextError
 from asyncllm.kernels.torch_ref import TorchAttention
-from asyncllm.layers.embedding import LMHead
+from asyncllm.layers.embedding import ParallelLMHead as LMHead
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.model.config import ModelConfig
 from asyncllm.sampling import SamplingParams

@@ -4,6 +4,7 @@ threads, backpressure, failures, shutdown and observability."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import subprocess
@@ -182,6 +183,29 @@ async def test_a_failing_step_reaches_every_stream_and_kills_the_engine(
     assert worker_threads() == []  # shutting a dead engine down stopped its worker too
 
 
+async def test_a_failing_step_raises_engine_error_from_generate_many(
+    random_model_dir: Path,
+) -> None:
+    async with engine_for(random_model_dir) as engine:
+        inject(engine, "collect", after_calls=3)
+        with anyio.fail_after(30), pytest.raises(errors.EngineError) as caught:
+            await engine.generate_many([[1, 2], [3, 4], [5, 6]], SamplingParams(max_tokens=50))
+    assert "injected failure" in repr(caught.value.__cause__)
+
+
+async def test_generate_many_submits_nothing_when_one_prompt_is_bad(random_model_dir: Path) -> None:
+    async with engine_for(random_model_dir) as engine:
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        with pytest.raises(errors.InvalidRequestError, match="prompt is empty"):
+            await engine.generate_many([[1, 2], [3, 4], []], long)
+        with pytest.raises(errors.InvalidRequestError, match="list of prompts"):
+            await engine.generate_many("Once upon a time", long)  # one prompt, not 16
+        stats = await until_idle(engine)
+    assert stats.num_steps == 0  # the two good prompts were withdrawn before any step
+    assert stats.num_finished == 2
+    assert all_blocks_unused(stats)
+
+
 async def test_a_bad_request_does_not_disturb_a_running_one(random_model_dir: Path) -> None:
     async with engine_for(random_model_dir) as engine:
         good = engine.stream([4, 5], SamplingParams(max_tokens=30, temperature=0))
@@ -247,6 +271,49 @@ async def test_outputs_carry_metrics_and_logs_name_the_request(
     assert 0 <= stats.kv_usage <= 1
     assert "request abc-123 added" in caplog.text
     assert "request abc-123 finished (length)" in caplog.text
+
+
+caller = contextvars.ContextVar("caller", default="-")
+"""What an application might keep per task: here, which client a task serves."""
+
+
+class TagWithCaller(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.caller = caller.get()
+        return True
+
+
+async def serve_three_clients(engine: AsyncEngine) -> None:
+    caller.set("starter")  # the task that starts the engine has values of its own
+    async with engine:
+
+        async def client(name: str) -> None:
+            caller.set(name)
+            await engine.generate([1, 2], SamplingParams(max_tokens=4), request_id=name)
+
+        async with anyio.create_task_group() as group:
+            for name in ("alice", "bob", "carol"):
+                group.start_soon(client, name)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_log_records_name_their_request_and_never_carry_another_callers_context(
+    random_model_dir: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncllm")
+    caplog.handler.addFilter(TagWithCaller())
+    outside = contextvars.copy_context()
+    outside.run(caller.set, "root")  # what trio's system tasks would inherit
+    outside.run(anyio.run, serve_three_clients, engine_for(random_model_dir), backend=backend)
+    records = [r for r in caplog.records if hasattr(r, "request_id")]
+    assert {r.request_id for r in records} == {"alice", "bob", "carol"}
+    for record in records:
+        assert record.getMessage().startswith(f"request {record.request_id} ")
+        # Logged by the submitting task, or by the engine in its own fresh context.
+        assert record.caller in (record.request_id, "-")
+    finished = [r for r in records if " finished " in r.getMessage()]
+    assert len(finished) == 3
+    assert {r.caller for r in finished} == {"-"}
 
 
 async def test_prometheus_metrics_expose_the_engine_stats(random_model_dir: Path) -> None:

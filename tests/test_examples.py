@@ -107,6 +107,18 @@ def test_fastapi_rejects_a_bad_request(server: str) -> None:
     assert "empty" in response.json()["detail"]
 
 
+def test_fastapi_serves_the_openai_api_mounted_beside_its_own_routes(server: str) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/openai/v1", api_key="unused", max_retries=0)
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
+                                    temperature=0)  # fmt: skip
+    with httpx.stream("GET", f"{server}/generate", timeout=60,
+                      params={"prompt": "Once upon a time", "max_tokens": 12}) as r:  # fmt: skip
+        received = list(events(r))
+    assert out.choices[0].text == "".join(json.loads(e)["text"] for e in received[:-2])
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
 def test_fastapi_client_disconnect_aborts_the_request(server: str) -> None:
     with httpx.stream(
         "GET", f"{server}/generate", params={"prompt": "One day", "max_tokens": 1500}, timeout=60

@@ -113,3 +113,55 @@ def test_the_embedded_model_is_shipped() -> None:
     names = {p.name for p in TINY_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
     assert sum(p.stat().st_size for p in TINY_MODEL_DIR.iterdir()) < 10 * 2**20
+
+
+# ---- stop strings and min_tokens ---------------------------------------------------------------
+
+
+def expected_text(pieces: list[str], stop: str, min_tokens: int) -> tuple[str, int | None]:
+    """The rule, written out: a stop string counts at its first occurrence that ends in the
+    text of token number `min_tokens` or later. Returns the text and the cut (None: no stop)."""
+    full = "".join(pieces)
+    boundary = len("".join(pieces[: max(min_tokens - 1, 0)]))
+    cut = full.find(stop, max(0, boundary - len(stop) + 1))
+    return (full, None) if cut < 0 else (full[:cut], cut)
+
+
+async def free_pieces(engine: AsyncEngine, max_tokens: int = 24) -> list[str]:
+    stream = engine.stream(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens))
+    return [t.text async for t in stream]
+
+
+async def test_a_stop_string_before_min_tokens_is_ignored_whatever_else_is_listed(
+    engine: AsyncEngine,
+) -> None:
+    pieces = await free_pieces(engine)
+    early = len("".join(pieces[:3]))
+    stop = "".join(pieces)[early - 2 : early]  # ends in the text of token 3, before min_tokens
+    want, cut = expected_text(pieces, stop, min_tokens=8)
+    outputs = [
+        await engine.generate(
+            PROMPT, SamplingParams(temperature=0, max_tokens=24, min_tokens=8, stop=stops)
+        )
+        for stops in ([stop], [stop, "an unrelated and much longer stop string"])
+    ]
+    for out in outputs:  # the longer entry holds more text back: it must not matter
+        assert out.text == want
+        assert len(out.token_ids) >= 8
+        assert out.finish_reason == ("length" if cut is None else "stop")
+
+
+async def test_a_stop_string_that_ends_at_min_tokens_counts_even_if_it_starts_before(
+    engine: AsyncEngine,
+) -> None:
+    pieces = await free_pieces(engine)
+    full = "".join(pieces)
+    # The first token k (from the 4th on) whose text and the one before it are non-empty.
+    k = next(i + 1 for i in range(3, len(pieces)) if pieces[i] and pieces[i - 1])
+    start = len("".join(pieces[: k - 1])) - 1
+    stop = full[start : start + 2]  # last char of token k-1 + first char of token k
+    out = await engine.generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=24, min_tokens=k, stop=[stop, "~~~~~~"])
+    )
+    assert out.finish_reason == "stop"
+    assert out.text == full[:start] and len(out.token_ids) == k

@@ -83,3 +83,58 @@ async def test_random_arrivals_and_cancellations(
             assert got == want
     assert stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total
     assert stats.num_preemptions > 0  # the pool was tight enough to exercise preemption
+
+
+async def test_random_choices_penalties_and_cancellations(random_model_dir: Path) -> None:
+    """n > 1 with penalties under a tight pool (preemption), overlapped scheduling and
+    cancellations: every choice draws exactly what it draws in a calm engine."""
+    rng = random.Random(2)
+    prompts = [[rng.randrange(384) for _ in range(rng.randint(1, 50))] for _ in range(60)]
+    params = [
+        SamplingParams(
+            n=rng.randint(1, 4), seed=index, temperature=rng.choice([0.0, 0.8]),
+            max_tokens=rng.randint(1, 24), frequency_penalty=rng.choice([0.0, 0.7]),
+            repetition_penalty=rng.choice([1.0, 1.3]),
+        )
+        for index in range(len(prompts))
+    ]  # fmt: skip
+    settings = dict(device="cpu", num_kv_blocks=20, block_size=16, max_model_len=96,
+                    max_num_seqs=16, max_num_batched_tokens=64)  # fmt: skip
+    async with AsyncEngine.from_pretrained(str(random_model_dir), **settings) as calm:
+        expected = await calm.generate_many(prompts, params)
+
+    engine = AsyncEngine.from_pretrained(str(random_model_dir), overlap_scheduling=True,
+                                         **settings)  # fmt: skip
+    cancelled = 0
+
+    async def client(index: int) -> None:
+        nonlocal cancelled
+        await anyio.sleep(rng.uniform(0, 0.2))
+        stop_at = rng.choice([None, rng.randint(0, 30)])
+        got: dict[int, list[int]] = {}
+        async with engine.stream(prompts[index], params[index]) as stream:
+            async for token in stream:
+                got.setdefault(token.choice, []).append(token.token_id)
+                if stop_at is not None and sum(map(len, got.values())) > stop_at:
+                    break
+        out = stream.output()
+        cancelled += any(c.finish_reason == "abort" for c in out.choices)
+        for choice in out.choices:
+            want = expected[index].choices[choice.index].token_ids
+            read = got.get(choice.index, [])  # what arrived after the break was not read
+            assert choice.token_ids[: len(read)] == read
+            assert choice.token_ids == want[: len(choice.token_ids)], f"request {index}"
+            if choice.finish_reason != "abort":
+                assert choice.token_ids == want
+
+    async with engine:
+        async with anyio.create_task_group() as group:
+            for index in range(len(prompts)):
+                group.start_soon(client, index)
+        with anyio.fail_after(30):
+            await engine.idle()
+        stats = engine.stats()
+        engine._core.blocks.check_invariants([])
+    assert cancelled > 5
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+    assert stats.kv_blocks_free + stats.kv_blocks_cached == stats.kv_blocks_total

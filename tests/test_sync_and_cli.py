@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import gc
+import signal
 import subprocess
 import sys
 import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from asyncllm import LLM, AsyncEngine, SamplingParams, errors
+from tests.models import all_blocks_unused
+from tests.test_embedding import inject
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
+LONG = SamplingParams(max_tokens=900, ignore_eos=True)  # far longer than any test waits
 
 
 def test_llm_generates_in_prompt_order(random_model_dir: Path) -> None:
@@ -35,9 +44,115 @@ def test_llm_stream_iterates_from_a_plain_thread(random_model_dir: Path) -> None
         assert stats.kv_blocks_free + stats.kv_blocks_cached <= stats.kv_blocks_total
 
 
+def test_llm_generate_takes_one_prompt_as_a_batch_of_one(random_model_dir: Path) -> None:
+    with LLM(str(random_model_dir), device="cpu", num_kv_blocks=64) as llm:
+        [text] = llm.generate("hello", GREEDY)
+        [ids] = llm.generate([5, 6], GREEDY)
+        [again] = llm.generate([[5, 6]], GREEDY)
+    assert text.prompt_token_ids == llm.engine.tokenizer.encode("hello")
+    assert ids.prompt_token_ids == [5, 6]
+    assert ids.token_ids == again.token_ids
+
+
+def test_a_closed_llm_refuses_every_call_the_same_way(random_model_dir: Path) -> None:
+    llm = LLM(str(random_model_dir), device="cpu", num_kv_blocks=64)
+    llm.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(errors.EngineNotRunningError, match="closed"):
+            llm.generate([[1, 2]])
+        with pytest.raises(errors.EngineNotRunningError, match="closed"):
+            llm.stream([1, 2])
+        llm.close()  # again: nothing to do
+        gc.collect()  # a coroutine created and dropped unawaited would warn here
+    assert [str(w.message) for w in caught] == []
+
+
 async def test_blocking_calls_inside_a_running_loop_raise(random_model_dir: Path) -> None:
     with pytest.raises(errors.BlockingCallError, match="AsyncEngine"):
         LLM(str(random_model_dir), device="cpu")
+
+
+def test_blocking_calls_inside_a_running_trio_loop_raise(random_model_dir: Path) -> None:
+    trio = pytest.importorskip("trio")
+    with LLM(str(random_model_dir), device="cpu", num_kv_blocks=64) as llm:
+
+        async def inside_trio() -> None:
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                LLM(str(random_model_dir), device="cpu")
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                llm.generate([[1, 2]])
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                llm.stream([1, 2])
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                llm.engine.generate_threadsafe([1, 2])
+            with pytest.raises(errors.BlockingCallError, match="trio"):
+                llm.engine.stream_threadsafe([1, 2])
+
+        trio.run(inside_trio)
+
+
+def test_a_failing_step_raises_engine_error_from_llm_generate(random_model_dir: Path) -> None:
+    with LLM(str(random_model_dir), device="cpu", num_kv_blocks=64) as llm:
+        inject(llm.engine, "collect", after_calls=3)
+        with pytest.raises(errors.EngineError) as caught:
+            llm.generate([[1, 2], [3, 4], [5, 6]], SamplingParams(max_tokens=50))
+    assert "injected failure" in repr(caught.value.__cause__)
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[Callable[[Callable[[], bool]], threading.Thread]]:
+    """`ctrl_c(when)`: a thread that sends SIGINT to this (the main) thread once `when()`."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threads: list[threading.Thread] = []
+
+    def press_when(ready: Callable[[], bool]) -> threading.Thread:
+        def wait_then_press() -> None:
+            deadline = time.monotonic() + 60
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+        thread = threading.Thread(target=wait_then_press)
+        threads.append(thread)
+        thread.start()
+        return thread
+
+    yield press_when
+    for thread in threads:
+        thread.join()
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_llm_generate_aborts_what_it_submitted(
+    random_model_dir: Path, ctrl_c: Callable[[Callable[[], bool]], Any]
+) -> None:
+    with LLM(str(random_model_dir), device="cpu", num_kv_blocks=256) as llm:
+        ctrl_c(lambda: llm.stats().running > 0)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[i + 1] * 4 for i in range(4)], LONG)
+        generated = llm.stats().generated_tokens_total  # the interrupted requests are over
+        [out] = llm.generate([[5, 6]], SamplingParams(max_tokens=4))
+        stats = llm.stats()
+    assert out.usage.completion_tokens == 4
+    assert stats.generated_tokens_total == generated + 4  # nothing else ran meanwhile
+    assert stats.waiting == 0
+    assert all_blocks_unused(stats)
+
+
+def test_ctrl_c_in_generate_threadsafe_aborts_its_request(
+    random_model_dir: Path, ctrl_c: Callable[[Callable[[], bool]], Any]
+) -> None:
+    with LLM(str(random_model_dir), device="cpu", num_kv_blocks=256) as llm:
+        ctrl_c(lambda: llm.stats().running > 0)
+        with pytest.raises(KeyboardInterrupt):
+            llm.engine.generate_threadsafe([1, 2], LONG, request_id="mine")
+        # The abort reached the loop before this submission: the id is free again.
+        out = llm.engine.generate_threadsafe([1, 2], GREEDY, request_id="mine")
+    assert out.usage.completion_tokens == 12
 
 
 async def test_foreign_threads_stream_from_an_engine_in_this_loop(random_model_dir: Path) -> None:

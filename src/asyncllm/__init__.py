@@ -17,6 +17,7 @@ from asyncllm.engine.stream import RequestStream
 from asyncllm.engine.sync import LLM
 from asyncllm.errors import AsyncLLMError
 from asyncllm.outputs import (
+    CompletionChoice,
     EngineStats,
     RequestMetrics,
     RequestOutput,
@@ -30,6 +31,7 @@ __all__ = [
     "LLM",
     "AsyncEngine",
     "AsyncLLMError",
+    "CompletionChoice",
     "EngineConfig",
     "EngineStats",
     "RequestMetrics",

@@ -50,6 +50,10 @@ class EngineCollector:
             "prompt_tokens": (stats.prompt_tokens_total, "Prompt tokens admitted"),
             "generated_tokens": (stats.generated_tokens_total, "Tokens generated"),
             "prefix_cache_hit_tokens": (stats.prefix_cache_hit_tokens, "Prompt tokens cached"),
+            "requests_rejected_overloaded": (
+                stats.num_rejected_overloaded,
+                "Submissions refused: waiting queue full",
+            ),
         }
         for name, (value, doc) in counters.items():
             yield CounterMetricFamily(f"{p}_{name}", doc, value=value)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 __all__ = [
+    "CompletionChoice",
     "EngineStats",
     "FinishReason",
     "RequestMetrics",
@@ -40,7 +41,10 @@ class StreamToken:
     """Position among the request's generated tokens (0-based)."""
     logprobs: TokenLogprobs | None = None
     finish_reason: FinishReason | None = None
-    """Set on the request's last token."""
+    """Set on the last token of its choice."""
+    choice: int = 0
+    """Which of the request's `SamplingParams.n` choices this token belongs to (`index`
+    counts positions within that choice)."""
 
 
 class Usage(NamedTuple):
@@ -66,8 +70,26 @@ class RequestMetrics(NamedTuple):
     num_preemptions: int
 
 
+class CompletionChoice(NamedTuple):
+    """One of the `SamplingParams.n` completions of a request."""
+
+    # Named as in OpenAI's API; it shadows tuple.index, which nobody calls on a result.
+    index: int  # type: ignore[assignment]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprobs] | None = None
+
+
 class RequestOutput(NamedTuple):
-    """The final result of a request, as `engine.generate()` returns it."""
+    """The final result of a request, as `engine.generate()` returns it.
+
+    `token_ids`, `text`, `finish_reason` and `logprobs` are those of choice 0; `choices`
+    holds every choice (one for n=1). `usage.completion_tokens` counts the tokens of all
+    choices; `usage.cached_tokens` and `metrics` describe choice 0 (which computes the
+    prompt; the other choices reuse its KV), except `metrics.e2e_latency`, which runs to the
+    last choice's end, and `metrics.num_preemptions`, which sums over the choices.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -77,6 +99,7 @@ class RequestOutput(NamedTuple):
     usage: Usage
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] | None = None
+    choices: tuple[CompletionChoice, ...] = ()
 
 
 class EngineStats(NamedTuple):
@@ -84,6 +107,7 @@ class EngineStats(NamedTuple):
 
     running: int
     waiting: int
+    """Sequences waiting for admission (each of a request's n choices counts)."""
     kv_blocks_total: int
     kv_blocks_free: int
     """Blocks holding nothing reusable."""
@@ -105,6 +129,8 @@ class EngineStats(NamedTuple):
     """Wall seconds the engine loop spent per phase: "schedule", "prepare" (inputs to the
     device), "launch" (enqueue the step), "wait" (for the device), "process" (tokens to
     streams)."""
+    num_rejected_overloaded: int = 0
+    """Submissions refused with `EngineOverloadedError` (the waiting queue was full)."""
 
     @property
     def kv_usage(self) -> float:

@@ -76,9 +76,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     """`asyncllm bench lag`."""
     p = kinds.add_parser("lag", help="event-loop lag while streams are served")
     p.add_argument("--model", default=None, help="model dir (default: the embedded model)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--streams", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--streams", type=int, default=64, help="concurrent streams (default: 64)")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="tokens per stream (default: 128)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.set_defaults(run=_run)
 

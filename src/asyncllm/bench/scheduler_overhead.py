@@ -124,9 +124,11 @@ def _one_step(scheduler: Scheduler, stub_tokens: list[int]) -> None:
 def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`asyncllm bench scheduler`."""
     p = kinds.add_parser("scheduler", help="scheduler + block-manager CPU time per step")
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-seqs", type=int, default=256,
+                   help="running sequences per step (default: 256)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=2000, help="steps to time (default: 2000)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV block (default: 16)")  # fmt: skip
     p.add_argument("--engine-loop", action="store_true",
                    help="also time the whole engine loop (stub model, 256 streams)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the result as JSON here")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -11,22 +11,22 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore, Prompt
-from asyncllm.engine.eventloop import WorkerThread, call_soon_threadsafe, new_waiter_factory, spawn
+from asyncllm.engine.eventloop import running_event_loop
+from asyncllm.engine.lifecycle import EngineState, Lifecycle
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import LaunchedStep, StepResult
 from asyncllm.engine.scheduler import ScheduledStep
 from asyncllm.engine.stream import RequestStream
 from asyncllm.errors import (
     BlockingCallError,
-    EngineDeadError,
-    EngineError,
+    DuplicateRequestIdError,
     EngineNotRunningError,
     InvalidRequestError,
-    WrongEventLoopError,
 )
 from asyncllm.outputs import EngineStats, RequestOutput, StreamToken
 from asyncllm.sampling import SamplingParams
@@ -41,7 +41,8 @@ class AsyncEngine:
 
     Model work runs on the engine's own worker thread (and, on a GPU, on its own CUDA
     stream), so the event loop stays responsive while steps compute. Works under asyncio,
-    uvloop and trio.
+    uvloop and trio. The engine's loop task runs in its own `contextvars.Context`; log
+    records about one request carry its id as `record.request_id`.
 
     Example:
         >>> engine = AsyncEngine.from_pretrained()  # the embedded tiny model
@@ -55,14 +56,13 @@ class AsyncEngine:
         self.config = config
         self._core = EngineCore(config)
         self._requests: dict[str, Request] = {}
-        self._state = "created"  # -> starting -> running -> stopping -> stopped, or dead
-        self._death: BaseException | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
-        self._loop_thread: int | None = None
-        self._loop_scope: anyio.CancelScope | None = None
-        self._loop_done = anyio.Event()
-        self._loop_task: Any = None  # keeps the asyncio task referenced while it runs
-        self._worker: WorkerThread | None = None
+        """Requests in flight by id: submitted, not finished or aborted yet."""
+        self._lifecycle = Lifecycle(
+            load=self._core.load,
+            serve=self._serve_until_stopped,
+            abort_all=self._abort_all,
+            release=self._core.close,
+        )
         self._wakeup = anyio.Event()
         self._drained: anyio.Event | None = None
         self._idle = anyio.Event()
@@ -81,6 +81,22 @@ class AsyncEngine:
         """The model's `asyncllm.tokenizer.Tokenizer`."""
         return self._core.tokenizer
 
+    @property
+    def state(self) -> str:
+        """Where the engine is in its life: "created", "starting", "running", "stopping" or
+        "stopped"; "dead" from a failed step until it is stopped (it accepts no work)."""
+        life = self._lifecycle
+        if life.failure is not None and life.state is not EngineState.STOPPED:
+            return "dead"
+        return life.state.value
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output a request may have (known once the engine has started)."""
+        if self._lifecycle.state in (EngineState.CREATED, EngineState.STARTING):
+            raise EngineNotRunningError("max_model_len is sized when the engine starts")
+        return self._core.max_model_len
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncEngine:
@@ -96,56 +112,26 @@ class AsyncEngine:
         await self.shutdown()
 
     async def start(self) -> None:
-        """Load the model (off the loop) and start the engine loop in the current event loop."""
-        if self._state != "created":
-            raise EngineError(f"an engine starts once; this one is {self._state}")
-        self._token = anyio.lowlevel.current_token()
-        self._new_waiter = new_waiter_factory(self._token.native_token)
-        self._loop_thread = threading.get_ident()
-        self._worker = WorkerThread(self._token)
-        self._state = "starting"
-        try:
-            await self._worker.run(self._core.load)
-        except BaseException:
-            self._state = "stopped"
-            self._worker.close()
-            raise
-        self._loop_scope = anyio.CancelScope()
-        self._loop_task = spawn(self._run, self._loop_scope)
-        self._state = "running"
+        """Load the model (off the loop) and start the engine loop in the current event loop.
+
+        Cancelling it (e.g. `asyncio.wait_for`) waits for the load in progress to finish,
+        frees the model again, and leaves the engine stopped.
+        """
+        await self._lifecycle.start()
         logger.info("engine started: %s", self._core.stats())
 
     async def shutdown(self, *, drain: bool = False) -> None:
         """Stop the engine: abort what is in flight (or, with `drain=True`, let it finish
         first), stop the loop task and the worker thread, and free the model's memory.
 
-        New requests are refused from the moment this is called. It may run in any task of
-        the engine's loop; a second call does nothing. Bound a drain with a timeout of your
-        own (e.g. `anyio.fail_after`); cancelling it aborts the rest.
+        New requests are refused from the moment this is called. It must be awaited in the
+        engine's event loop (else `WrongEventLoopError`), from any task; a call while another
+        is stopping the engine waits for that one to finish. Bound a drain with a timeout of
+        your own (e.g. `anyio.fail_after`): cancelling it aborts the rest. Cancelled at any
+        point, it still finishes stopping and freeing everything, then raises the
+        cancellation.
         """
-        if self._loop_scope is None:
-            if self._state not in ("dead", "created"):
-                self._state = "stopped"
-            return
-        if self._state == "running":
-            self._state = "stopping"
-        try:
-            if drain and self._requests:
-                self._drained = anyio.Event()
-                await self._drained.wait()
-        finally:
-            for request_id in list(self._requests):
-                self.abort(request_id)
-            scope, self._loop_scope = self._loop_scope, None
-            scope.cancel()
-            await self._loop_done.wait()
-            self._loop_task = None
-            assert self._worker is not None
-            self._worker.close()
-            self._core.unload()
-            if self._state != "dead":
-                self._state = "stopped"
-            logger.info("engine stopped")
+        await self._lifecycle.stop(self._wait_drained if drain else None)
 
     # ---- submitting --------------------------------------------------------------------------
 
@@ -158,19 +144,27 @@ class AsyncEngine:
     ) -> RequestStream:
         """Submit a request and return the async iterator of its tokens.
 
-        `prompt` is text or a list of token ids. Raises `InvalidRequestError` (or its child
-        `PromptTooLongError`) at once for a bad request; the engine keeps serving.
+        `prompt` is text or a list of token ids. Raises `InvalidRequestError` (or its
+        children `PromptTooLongError`, `DuplicateRequestIdError` for the id of a request still
+        in flight) at once for a bad request, and `EngineOverloadedError` when
+        `EngineConfig.max_waiting_requests` sequences are already waiting; the engine keeps
+        serving. Without `request_id` the engine makes one that no other request of any engine
+        shares. With `params.n > 1` the one stream carries every choice (`StreamToken.choice`),
+        and they all share the request id.
         """
-        self._check_usable()
-        if request_id is not None and request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._lifecycle.check_usable()
         req = self._core.make_request(prompt, params, request_id)
+        if req.request_id in self._requests:  # its head choice, while any choice runs
+            raise DuplicateRequestIdError(
+                f"request id {req.request_id!r} is already in flight; choose another, or "
+                "leave request_id out to get a unique one"
+            )
+        self._core.add(req)  # last check (EngineOverloadedError): it queues the request
         self._requests[req.request_id] = req
-        self._core.scheduler.add(req)
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._wakeup.set()
-        logger.debug("request %s added: %d prompt tokens", req.request_id, req.num_prompt_tokens)
+        _log_request(logging.DEBUG, req, "added: %d prompt tokens", req.num_prompt_tokens)
         return RequestStream(self, req)
 
     async def generate(
@@ -180,11 +174,9 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
     ) -> RequestOutput:
-        """Run one request to completion and return its `RequestOutput`."""
-        async with self.stream(prompt, params, request_id=request_id) as stream:
-            async for _ in stream.chunks():
-                pass
-            return stream.output()
+        """Run one request to completion and return its `RequestOutput` (with every choice
+        in `choices` when `params.n > 1`)."""
+        return await _read_to_end(self.stream(prompt, params, request_id=request_id))
 
     async def generate_many(
         self,
@@ -195,91 +187,174 @@ class AsyncEngine:
     ) -> list[RequestOutput]:
         """Run many requests concurrently; outputs come back in the order of `prompts`.
 
+        `prompts` is a list (one prompt alone is an `InvalidRequestError`: use `generate`).
         `params` is one `SamplingParams` for all, or one per prompt. `progress=True` shows a
-        tqdm progress bar of finished requests. If one request fails, the rest are aborted
-        and the error is raised.
+        tqdm progress bar of finished requests. Every prompt is checked before any runs: a
+        bad one raises and submits nothing. If one request fails, the rest are aborted and
+        its error (an `EngineError`) is raised.
         """
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise InvalidRequestError(f"{len(params)} params for {len(prompts)} prompts")
-        streams = [self.stream(p, sp) for p, sp in zip(prompts, params)]
+        streams = self._submit_all(prompts, params)
         outputs: list[RequestOutput | None] = [None] * len(streams)
+        failures: list[Exception] = []
         bar = _progress_bar(len(streams)) if progress else None
 
-        async def drain(index: int) -> None:
-            async with streams[index] as stream:
-                async for _ in stream.chunks():
-                    pass
-                outputs[index] = stream.output()
+        async def drain(index: int, group: anyio.abc.TaskGroup) -> None:
+            try:
+                outputs[index] = await _read_to_end(streams[index])
+            except Exception as exc:  # raised as itself below, not inside an ExceptionGroup
+                failures.append(exc)
+                group.cancel_scope.cancel()  # the other streams abort as they unwind
+                return
             if bar is not None:
                 bar.update(1)
 
         try:
             async with anyio.create_task_group() as group:
                 for index in range(len(streams)):
-                    group.start_soon(drain, index)
+                    group.start_soon(drain, index, group)
         finally:
             if bar is not None:
                 bar.close()
+        if failures:
+            raise failures[0]
         return [out for out in outputs if out is not None]
+
+    def _submit_all(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[RequestStream]:
+        """One stream per prompt, or none: a rejected prompt aborts those submitted before."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidRequestError(
+                f"prompts must be a list of prompts, got {type(prompts).__name__}; "
+                "use generate() for one prompt"
+            )
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(params)} params for {len(prompts)} prompts")
+        streams: list[RequestStream] = []
+        try:
+            for prompt, sampling in zip(prompts, params):
+                streams.append(self.stream(prompt, sampling))
+        except BaseException:
+            for stream in streams:
+                self._abort_request(stream._request)
+            raise
+        return streams
 
     async def idle(self) -> None:
         """Wait until no request is waiting or running and every KV block is released
         (returns at once when the engine is idle or not running)."""
-        while self._state in ("running", "stopping") and not self._idle.is_set():
+        self._lifecycle.check_loop()
+        while self._lifecycle.serving and not self._idle.is_set():
             await self._idle.wait()
 
     def abort(self, request_id: str) -> None:
-        """Abort a request and free its KV blocks; unknown or finished ids are ignored."""
-        req = self._requests.pop(request_id, None)
-        if req is None or req.is_finished:
-            return
-        self._core.abort(req)
-        self._notify(req)
-        logger.debug("request %s aborted", request_id)
-        self._note_if_drained()
+        """Abort a request (every choice of it) and free its KV blocks; unknown or finished
+        ids are ignored.
+
+        Call it in the engine's event loop (else `WrongEventLoopError`); from another thread,
+        use `abort_threadsafe`.
+        """
+        self._lifecycle.check_loop()
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._abort_request(req)
 
     def abort_threadsafe(self, request_id: str) -> None:
         """`abort` from any thread (it runs on the engine's loop)."""
-        if self._token is None or self._state not in ("running", "stopping"):
+        if not self._lifecycle.serving:
             return
-        if threading.get_ident() == self._loop_thread:
+        if self._lifecycle.in_loop_thread():
             self.abort(request_id)
         else:
-            call_soon_threadsafe(self._token, self.abort, request_id)
+            self._lifecycle.call_soon_threadsafe(self.abort, request_id)
+
+    def _abort_request(self, req: Request) -> None:
+        """Abort `req` itself (a stream aborts its own request, never a later one that
+        reuses its id)."""
+        if self._requests.get(req.request_id) is not req:
+            return  # finished already: nothing to do
+        del self._requests[req.request_id]
+        self._core.abort(req)
+        self._notify(req)
+        _log_request(logging.DEBUG, req, "aborted")
+        self._note_if_drained()
+
+    def _abort_soon(self, req: Request) -> None:
+        """`_abort_request` from any thread or finaliser: queued onto the engine's loop, never
+        run inline (a finaliser may fire in the middle of a step)."""
+        if self._lifecycle.serving:
+            self._lifecycle.call_soon_threadsafe(self._abort_request, req)
+
+    def _abort_all(self) -> None:
+        for req in list(self._requests.values()):
+            self._abort_request(req)
 
     # ---- from other threads ------------------------------------------------------------------
 
     def stream_threadsafe(
-        self, prompt: Prompt, params: SamplingParams | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
     ) -> Iterator[StreamToken]:
         """`stream()` for a thread other than the engine loop's (e.g. a WSGI worker).
 
         Returns a blocking iterator; each step waits on the engine's loop, so a slow reader
-        holds nothing but its own tokens. Closing the iterator (or dropping it) aborts.
+        holds nothing but its own tokens. Closing the iterator (or dropping it, or an
+        exception such as Ctrl-C while it waits) aborts.
         """
         token = self._foreign_thread_token()
-        stream = anyio.from_thread.run_sync(self.stream, prompt, params, token=token)
+        stream = self._submit_from_thread(token, prompt, params, request_id)
         return _iterate_from_thread(stream, token)
 
     def generate_threadsafe(
-        self, prompt: Prompt, params: SamplingParams | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
     ) -> RequestOutput:
-        """`generate()` from a thread other than the engine loop's; blocks that thread."""
+        """`generate()` from a thread other than the engine loop's; blocks that thread.
+
+        An exception raised in the waiting thread (Ctrl-C) aborts the request.
+        """
         token = self._foreign_thread_token()
-        return anyio.from_thread.run(self.generate, prompt, params, token=token)
+        stream = self._submit_from_thread(token, prompt, params, request_id)
+        try:
+            return anyio.from_thread.run(_read_to_end, stream, token=token)
+        except BaseException:  # e.g. KeyboardInterrupt here, while the request runs on
+            self._abort_soon(stream._request)
+            raise
+
+    def _submit_from_thread(
+        self,
+        token: anyio.lowlevel.EventLoopToken,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        request_id: str | None,
+    ) -> RequestStream:
+        submit = functools.partial(self.stream, prompt, params, request_id=request_id)
+        return anyio.from_thread.run_sync(submit, token=token)
 
     def _foreign_thread_token(self) -> anyio.lowlevel.EventLoopToken:
-        if self._token is None or self._state != "running":
-            self._check_usable()  # raises the precise error
-        if threading.get_ident() == self._loop_thread:
+        self._lifecycle.check_running()
+        if self._lifecycle.in_loop_thread():
             raise BlockingCallError(
                 "a *_threadsafe method was called on the engine's own loop thread; use the "
                 "async method instead"
             )
-        assert self._token is not None
-        return self._token
+        if (loop := running_event_loop()) is not None:
+            raise BlockingCallError(
+                f"a *_threadsafe method blocks and would freeze the {loop} event loop running "
+                "in this thread; call it from a plain thread"
+            )
+        assert self._lifecycle.token is not None
+        return self._lifecycle.token
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -292,40 +367,24 @@ class AsyncEngine:
 
         Useful between benchmark runs, or after changing something that makes old K/V stale.
         """
-        self._check_usable()
+        self._lifecycle.check_usable()
         self._core.blocks.reset_prefix_cache()
-
-    def _check_usable(self) -> None:
-        if self._state == "dead":
-            raise EngineDeadError(f"the engine failed earlier: {self._death!r}") from self._death
-        if self._state != "running":
-            raise EngineNotRunningError(f"the engine is {self._state}; use `async with engine:`")
-        try:
-            token = anyio.lowlevel.current_token()
-        except Exception:
-            token = None
-        if token != self._token:
-            raise WrongEventLoopError(
-                "this engine runs in another event loop (or none is running in this thread); "
-                "submit from the engine's loop, or use stream_threadsafe()/generate_threadsafe()"
-            )
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    async def _run(self, scope: anyio.CancelScope) -> None:
+    async def _serve_until_stopped(self) -> None:
+        """The loop task: serve until shutdown cancels it; a failing step kills the engine."""
         try:
-            with scope:
-                await self._serve()
+            await self._serve()
         except Exception as exc:
             self._die(exc)
         finally:
             self._idle.set()
-            self._loop_done.set()
 
     async def _serve(self) -> None:
         """Keep up to `pipeline_depth` steps in flight: while the device runs step N, this
         loop processes N-1's tokens and schedules and prepares N+1."""
-        runner, worker = self._core.runner, self._worker
+        runner, worker = self._core.runner, self._lifecycle.worker
         assert runner is not None and worker is not None
         depth = self.config.pipeline_depth(runner.device)
         in_flight: deque[tuple[ScheduledStep, LaunchedStep]] = deque()
@@ -376,12 +435,23 @@ class AsyncEngine:
         self._core.end_step(step)
 
     def _on_finished(self, req: Request) -> None:
-        self._requests.pop(req.request_id, None)
-        logger.debug(
-            "request %s finished (%s): %d prompt + %d generated tokens",
-            req.request_id, req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
+        _log_request(
+            logging.DEBUG, req, "%sfinished (%s): %d prompt + %d generated tokens",
+            _choice_label(req), req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
         )  # fmt: skip
+        head = self._requests.get(req.request_id)
+        if head is None or not any(choice is req for choice in head.choices):
+            return  # an earlier request that ended already, whose id a later one may reuse
+        if not head.all_choices_finished:
+            return  # other choices of the request are still running
+        del self._requests[req.request_id]
         self._note_if_drained()
+
+    async def _wait_drained(self) -> None:
+        """Wait until every request in flight has finished (shutdown with drain=True)."""
+        if self._requests:
+            self._drained = anyio.Event()
+            await self._drained.wait()
 
     def _note_if_drained(self) -> None:
         if self._drained is not None and not self._requests:
@@ -390,11 +460,12 @@ class AsyncEngine:
     def _die(self, exc: BaseException) -> None:
         """A step failed: every waiting stream gets the error, new calls fail fast."""
         logger.error("engine step failed; failing every request", exc_info=exc)
-        self._state = "dead"
-        self._death = exc
+        self._lifecycle.fail(exc)
         for req in list(self._requests.values()):
-            req.error = exc
-            req.finish("abort")
+            for choice in req.choices:
+                if not choice.is_finished:  # a choice that ended before keeps its result
+                    choice.error = exc
+                    choice.finish("abort")
             self._notify(req)
         self._requests.clear()
         self._note_if_drained()
@@ -410,6 +481,28 @@ class AsyncEngine:
             req.waiter = None
 
 
+def _choice_label(req: Request) -> str:
+    """ "choice <i> " for a choice of an n > 1 request (they share its id), else ""."""
+    return f"choice {req.choice} " if req.params.n > 1 else ""
+
+
+def _log_request(level: int, req: Request, message: str, *args: object) -> None:
+    """Log about one request: "request <id> <message>", with `record.request_id` set."""
+    if logger.isEnabledFor(level):
+        logger.log(
+            level, "request %s " + message, req.request_id, *args,
+            extra={"request_id": req.request_id},
+        )  # fmt: skip
+
+
+async def _read_to_end(stream: RequestStream) -> RequestOutput:
+    """Read `stream` to its end and return its output; leaving early aborts the request."""
+    async with stream:
+        async for _ in stream.chunks():
+            pass
+        return stream.output()
+
+
 def _iterate_from_thread(
     stream: RequestStream, token: anyio.lowlevel.EventLoopToken
 ) -> Iterator[StreamToken]:
@@ -417,7 +510,7 @@ def _iterate_from_thread(
         while (item := anyio.from_thread.run(_next_or_none, stream, token=token)) is not None:
             yield item
     finally:
-        stream._engine.abort_threadsafe(stream.request_id)
+        stream._engine._abort_soon(stream._request)
 
 
 async def _next_or_none(stream: RequestStream) -> StreamToken | None:

@@ -12,20 +12,29 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
 import torch
+import xxhash
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
-from asyncllm.errors import InvalidRequestError, ModelLoadError, PromptTooLongError
+from asyncllm.engine.workers import start_runner
+from asyncllm.errors import (
+    EngineOverloadedError,
+    InvalidRequestError,
+    ModelLoadError,
+    PromptTooLongError,
+)
 from asyncllm.model.config import ModelConfig
 from asyncllm.outputs import EngineStats, TokenLogprobs
+from asyncllm.parallel import check_divisible
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
@@ -47,8 +56,18 @@ class EngineCore:
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model directory {self.model_dir} does not exist")
         self.model_config = ModelConfig.from_dir(self.model_dir)
+        cfg = self.model_config
+        check_divisible(
+            config.tensor_parallel_size, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size,
+            intermediate_size=cfg.intermediate_size,
+            moe_intermediate_size=cfg.moe.moe_intermediate_size if cfg.moe else None,
+        )  # fmt: skip
         self.tokenizer = Tokenizer(self.model_dir)
         self._rng = random.Random(config.seed)
+        # Automatic request ids: a random prefix per engine and a counter, so they never
+        # collide with another engine's, nor with an id a user would plausibly choose.
+        self._id_prefix = uuid.uuid4().hex
         self._ids = itertools.count()
         self.runner: ModelRunner | None = None
         self.attention_backend = ""
@@ -60,6 +79,9 @@ class EngineCore:
         self._processed_step_id = -1
         self._deferred: list[Request] = []
         """Finished requests whose blocks a launched step may still write to."""
+        self._holding: list[Request] = []
+        """Choice 0 of n > 1 requests whose other choices wait for its prompt's KV."""
+        self.num_rejected_overloaded = 0
         self.step_seconds: dict[str, float] = dict.fromkeys(
             ("schedule", "prepare", "launch", "wait", "process"), 0.0
         )
@@ -78,7 +100,7 @@ class EngineCore:
     def load(self) -> None:
         """Load the weights, allocate the KV pool, and size `max_model_len` (slow: run it off
         the event loop)."""
-        self.runner = ModelRunner(self.model_dir, self.model_config, self.config)
+        self.runner = start_runner(self.model_dir, self.model_config, self.config)
         self.attention_backend = self.runner.attn_backend.name
         self.max_model_len = self.runner.max_model_len
         self.loaded_at = time.monotonic()
@@ -94,7 +116,10 @@ class EngineCore:
     def make_request(
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None
     ) -> Request:
-        """Validate a submission and build its `Request`; raises `InvalidRequestError`."""
+        """Validate a submission and build its `Request` (choice 0; with n > 1 the other
+        choices are its `siblings`, sharing its request id); raises `InvalidRequestError`."""
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
         params = _check_params(params)
         token_ids = self._prompt_ids(prompt)
         max_tokens = self._check_length(len(token_ids), params)
@@ -103,15 +128,55 @@ class EngineCore:
             raise InvalidRequestError(
                 f"stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}"
             )
-        return Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            prompt_token_ids=token_ids,
-            params=params,
-            max_tokens=max_tokens,
-            seed=params.seed if params.seed is not None else self._rng.getrandbits(63),
-            eos_token_ids=frozenset(self.model_config.eos_token_ids),
-            detokenizer=self.tokenizer.detokenizer(),
-        )
+        request_id = request_id if request_id is not None else self._new_request_id()
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        choices = [
+            Request(
+                request_id=request_id,
+                prompt_token_ids=token_ids,
+                params=params,
+                max_tokens=max_tokens,
+                seed=choice_seed(seed, choice),
+                eos_token_ids=frozenset(self.model_config.eos_token_ids),
+                detokenizer=self.tokenizer.detokenizer(),
+                choice=choice,
+            )
+            for choice in range(params.n)
+        ]
+        choices[0].siblings = choices[1:]
+        return choices[0]
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
+
+    def add(self, req: Request) -> None:
+        """Queue a request from `make_request` (all its choices); raises
+        `EngineOverloadedError`, changing nothing, when the waiting queue is full."""
+        limit = self.config.max_waiting_requests
+        if limit is not None and (waiting := self.num_waiting) >= limit:
+            self.num_rejected_overloaded += 1
+            raise EngineOverloadedError(
+                f"the engine is overloaded: {waiting} sequences are waiting "
+                f"(max_waiting_requests={limit}); retry later"
+            )
+        self.scheduler.add(req)
+        if not req.siblings:
+            return
+        if self.config.enable_prefix_caching:
+            # The other choices start once choice 0 has computed the prompt, from its blocks.
+            for sibling in req.siblings:
+                sibling.status = RequestStatus.HELD
+            self._holding.append(req)
+        else:
+            for sibling in req.siblings:
+                self.scheduler.add(sibling)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for admission, held choices included."""
+        held = RequestStatus.HELD
+        num_held = sum(s.status is held for req in self._holding for s in req.siblings)
+        return len(self.scheduler.waiting) + num_held
 
     def _prompt_ids(self, prompt: object) -> list[int]:
         if isinstance(prompt, str):
@@ -143,6 +208,11 @@ class EngineCore:
         if params.max_tokens is not None and params.max_tokens > room:
             raise PromptTooLongError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+        if params.min_tokens > room:
+            raise PromptTooLongError(
+                f"prompt ({prompt_len} tokens) + min_tokens ({params.min_tokens}) exceeds "
                 f"max_model_len {self.max_model_len}"
             )
         max_tokens = params.max_tokens or room
@@ -186,6 +256,11 @@ class EngineCore:
             if samples:
                 drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - 1
                 sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
+                if req.params.has_penalties:
+                    sample = sample._replace(
+                        output_token_ids=req.output_array(),
+                        prompt_token_ids=req.distinct_prompt_array(),
+                    )
                 req.sample_row, req.sample_step, row = row, step.step_id, row + 1
             batch.add(tokens, start, req.block_ids, pending_row, sample)
         return batch
@@ -213,6 +288,23 @@ class EngineCore:
         self.num_steps += 1
         self.scheduler.after_step(step)
         self._release_deferred()
+        if self._holding:
+            self._release_held_choices()
+
+    def _release_held_choices(self) -> None:
+        """Queue the other choices of requests whose choice 0 has computed its prompt (its
+        full blocks are registered by now), at the front: they arrived before anyone
+        waiting, and so they find the prompt's blocks still cached."""
+        still_holding = []
+        for req in self._holding:
+            if not (req.num_output_tokens or req.is_finished):
+                still_holding.append(req)
+                continue
+            held = [s for s in req.siblings if s.status is RequestStatus.HELD]
+            for sibling in held:
+                sibling.status = RequestStatus.WAITING
+            self.scheduler.add_first(held)
+        self._holding = still_holding
 
     def _append(
         self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
@@ -223,11 +315,12 @@ class EngineCore:
             self._release_when_idle(req)
 
     def abort(self, req: Request) -> None:
-        """End `req` now; its blocks go back at once, or as soon as no launched step can
-        still write to them."""
-        if not req.is_finished:
-            req.finish("abort")
-            self._release_when_idle(req)
+        """End `req` and its other choices now; their blocks go back at once, or as soon as
+        no launched step can still write to them."""
+        for choice in req.choices:
+            if not choice.is_finished:
+                choice.finish("abort")
+                self._release_when_idle(choice)
 
     def _release_when_idle(self, req: Request) -> None:
         in_flight = req.last_step_id > self._processed_step_id
@@ -245,25 +338,48 @@ class EngineCore:
                 self._release(req)
         self._deferred = still_busy
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, computed: bool = True) -> None:
+        """Take `req` out of the scheduler and free its blocks. With `computed` (no step
+        can still write to them), its full blocks stay findable in the prefix cache first:
+        e.g. a request that ends with its first token leaves its prompt to later ones."""
         if req.status is RequestStatus.RELEASED:
             return
-        self.scheduler.remove(req)
+        if computed and req.status is RequestStatus.RUNNING:
+            self.blocks.register_full_blocks(req)
+        if req.status is not RequestStatus.HELD:  # a held choice was never queued
+            self.scheduler.remove(req)
         req.status = RequestStatus.RELEASED
         self.num_finished += 1
 
     def fail_all(self) -> list[Request]:
         """Drop every request (the engine died); returns them so their streams can be told."""
-        victims = [*self.scheduler.running, *self.scheduler.waiting]
+        held = [s for req in self._holding for s in req.siblings if s.status is RequestStatus.HELD]
+        victims = [*self.scheduler.running, *self.scheduler.waiting, *held]
+        self._holding.clear()
         for req in victims:
             req.finish("abort")
-            self._release(req)
+            self._release(req, computed=False)  # the failed step may have left K/V half-written
         return victims
+
+    def close(self) -> None:
+        """Give every request's blocks back and drop the model (the engine has stopped: no
+        step is in flight any more)."""
+        try:
+            if hasattr(self, "scheduler"):  # loaded
+                self.fail_all()
+                self._deferred.clear()
+        except Exception:  # a failed step may have left the bookkeeping half-updated
+            logger.exception("releasing the requests at shutdown failed")
+        finally:
+            self.unload()
 
     def unload(self) -> None:
         """Drop the model, KV pool and CUDA graphs (the engine has shut down)."""
         if self.runner is not None:
             self.attention_backend = self.runner.attn_backend.name
+            # Stops the other tensor-parallel ranks (if any), waits for launched steps to
+            # finish on the device, and drops the model.
+            self.runner.close()
             self.runner = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the freed memory back to the device
@@ -273,7 +389,7 @@ class EngineCore:
         scheduler, blocks = getattr(self, "scheduler", None), getattr(self, "blocks", None)
         return EngineStats(
             running=len(scheduler.running) if scheduler else 0,
-            waiting=len(scheduler.waiting) if scheduler else 0,
+            waiting=self.num_waiting if scheduler else 0,
             kv_blocks_total=blocks.num_blocks if blocks else 0,
             kv_blocks_free=blocks.num_free_blocks if blocks else 0,
             kv_blocks_cached=blocks.num_cached_blocks if blocks else 0,
@@ -287,7 +403,18 @@ class EngineCore:
             uptime_s=time.monotonic() - self.loaded_at if self.loaded_at else 0.0,
             attention_backend=self.attention_backend,
             step_seconds=dict(self.step_seconds),
+            num_rejected_overloaded=self.num_rejected_overloaded,
         )
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded `seed` (both in [0, 2**64)): choice 0
+    keeps the request's seed (so n=1 is unchanged), the others hash (seed, choice)."""
+    if choice == 0:
+        return seed
+    data = seed.to_bytes(8, "little") + choice.to_bytes(8, "little")
+    digest: int = xxhash.xxh3_64_intdigest(data)
+    return digest
 
 
 def _check_params(params: object) -> SamplingParams:

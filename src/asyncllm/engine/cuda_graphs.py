@@ -4,7 +4,8 @@ A decode step of B sequences launches hundreds of small kernels; replaying a cap
 turns that into one launch. Graphs are captured once per padded batch size, reading their
 inputs from static buffers that a replay first fills; the forward context they were captured
 with holds views of those same buffers. Padding rows write nowhere (slot -1) and attend to
-nothing (length 0).
+nothing (length 0): every backend that captures must return finite rows for them (the
+Triton and flash-attn backends return zeros; tests/gpu checks both).
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
+        collectives: bool = False,
     ) -> None:
         self.model, self.backend, self.stream = model, backend, stream
+        # A tensor-parallel model's graphs hold its NCCL collectives. Capture only this
+        # thread's calls: NCCL's watchdog thread keeps querying events meanwhile.
+        self._capture_mode = "thread_local" if collectives else "global"
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
         device, largest = stream.device, self.sizes[-1]
@@ -85,11 +90,14 @@ class DecodeGraphs:
             with forward_context(ctx):
                 model.compute_logits(model(self.input_ids[:size]))  # warm-up (lazy inits)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=stream, capture_error_mode=self._capture_mode
+                ):
                     self.logits[size] = model.compute_logits(model(self.input_ids[:size]))
             self.graphs[size] = graph
             pool = graph.pool()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
+        logger.info("captured %d decode CUDA graphs (%s attention, batch sizes %s)",
+                    len(self.sizes), self.backend.name, self.sizes)  # fmt: skip
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The smallest captured size that holds `num_seqs` rows (None if none does)."""

@@ -1,9 +1,12 @@
 """Step inputs: what each sequence computes, turned into device tensors with few copies.
 
 A `StepBatch` collects one step in flat Python lists (one `add` per sequence, decodes first),
-then `prepare_step` turns it into numpy arrays in a handful of vectorised operations and
-moves them in one non-blocking copy per dtype (through pinned memory on CUDA), so building
-step N+1 never waits for step N. This runs every step for every sequence: it is kept lean.
+then `pack_step` turns it into a `HostStep` (a few packed numpy arrays plus scalars) in a
+handful of vectorised operations, and `device_step` moves those in one non-blocking copy per
+dtype (through pinned memory on CUDA), so building step N+1 never waits for step N. This runs
+every step for every sequence: it is kept lean. Under tensor parallelism the `HostStep` is
+what rank 0 sends the other ranks, which run `device_step` on it themselves.
+Penalties add their per-row values and token lists only to steps where some row has one.
 """
 
 from __future__ import annotations
@@ -18,10 +21,25 @@ import torch
 
 from asyncllm.context import ForwardContext
 from asyncllm.kernels.base import AttentionBackend
-from asyncllm.layers.sampler import SamplingTensors
+from asyncllm.layers.sampler import PenaltyTensors, SamplingTensors
 from asyncllm.sampling import SamplingParams
 
-__all__ = ["PinnedStaging", "PreparedStep", "SampleSpec", "SeqStep", "StepBatch", "prepare_step"]
+__all__ = [
+    "HostStep",
+    "PinnedStaging",
+    "PreparedStep",
+    "SampleSpec",
+    "SeqStep",
+    "StepBatch",
+    "StepMeta",
+    "device_step",
+    "pack_step",
+    "prepare_step",
+]
+
+
+_INT64_LIMIT = 2**63
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SampleSpec(NamedTuple):
@@ -29,10 +47,16 @@ class SampleSpec(NamedTuple):
 
     params: SamplingParams
     seed: int
+    """In [0, 2**64) (as `SamplingParams.seed`); it reaches the sampler as int64 bits."""
     offset: int
     """Index of the token being drawn among the request's outputs (keys the random stream)."""
     banned_token_ids: tuple[int, ...] = ()
     """Token ids that must not be drawn now (EOS and stop ids while under min_tokens)."""
+    output_token_ids: Sequence[int] | np.ndarray = ()
+    """With penalties: the tokens generated so far that the host knows (a token still
+    pending on the device is added from there)."""
+    prompt_token_ids: Sequence[int] | np.ndarray = ()
+    """With a repetition penalty: the prompt's token ids (each distinct id once suffices)."""
 
 
 class SeqStep(NamedTuple):
@@ -73,6 +97,7 @@ class StepBatch:
         self.any_top_k_top_p = False
         self.any_min_p = False
         self.num_logprobs = -1
+        self.penalties = _PenaltyLists()
 
     @classmethod
     def from_steps(cls, steps: Sequence[SeqStep]) -> StepBatch:
@@ -101,24 +126,90 @@ class StepBatch:
         self.starts.append(start)
         self.tables.append(block_table)
         if sample is not None:
+            if sample.params.has_penalties:
+                self.penalties.add(len(self.seeds), sample, pending_row)
             self._add_sample(sample)
 
     def _add_sample(self, sample: SampleSpec) -> None:
         p = sample.params
         row = len(self.seeds)
         self.sampled_seqs.append(len(self.q_lens) - 1)
-        self.temperatures.append(p.temperature)
+        # Values as the float32/int64 tensors can hold them: tiny temperatures are greedy (0),
+        # huge ones are capped below float32's overflow (still uniform in effect), and seeds
+        # of 2**63 or more wrap to the negative int64 with the same 64 bits.
+        greedy = p.is_greedy
+        self.temperatures.append(0.0 if greedy else min(p.temperature, _FLOAT32_MAX))
         self.top_ps.append(p.top_p)
         self.min_ps.append(p.min_p)
         self.top_ks.append(p.top_k)
-        self.seeds.append(sample.seed)
+        seed = sample.seed
+        self.seeds.append(seed if seed < _INT64_LIMIT else seed - 2 * _INT64_LIMIT)
         self.offsets.append(sample.offset)
         self.banned.extend((row, t) for t in sample.banned_token_ids)
-        self.all_greedy = self.all_greedy and p.temperature == 0.0
+        self.all_greedy = self.all_greedy and greedy
         self.any_top_k_top_p = self.any_top_k_top_p or p.top_k > 0 or p.top_p < 1.0
         self.any_min_p = self.any_min_p or p.min_p > 0.0
         if p.logprobs is not None:
             self.num_logprobs = max(self.num_logprobs, p.logprobs)
+
+
+class _PenaltyLists:
+    """The penalised rows of a step: their values and the tokens each has seen."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.presence: list[float] = []
+        self.frequency: list[float] = []
+        self.repetition: list[float] = []
+        self.output_tokens: list[np.ndarray] = []
+        self.output_lens: list[int] = []
+        self.num_output_tokens = 0
+        self.prompt_tokens: list[np.ndarray] = []
+        self.prompt_lens: list[int] = []
+        self.pending_index: list[int] = []
+        self.pending_src: list[int] = []
+
+    def add(self, row: int, sample: SampleSpec, pending_row: int | None) -> None:
+        p = sample.params
+        self.rows.append(row)
+        self.presence.append(p.presence_penalty)
+        self.frequency.append(p.frequency_penalty)
+        self.repetition.append(p.repetition_penalty)
+        outputs = np.asarray(sample.output_token_ids, np.int64)
+        if pending_row is not None:
+            # The sequence's newest output is this step's pending input: the runner copies
+            # it here on the device, as it does for the input ids.
+            self.pending_index.append(self.num_output_tokens + len(outputs))
+            self.pending_src.append(pending_row)
+            outputs = np.append(outputs, 0)
+        self.output_tokens.append(outputs)
+        self.output_lens.append(len(outputs))
+        self.num_output_tokens += len(outputs)
+        prompt = sample.prompt_token_ids if p.repetition_penalty != 1.0 else ()
+        self.prompt_tokens.append(np.asarray(prompt, np.int64))
+        self.prompt_lens.append(len(prompt))
+
+    def int_arrays(self) -> dict[str, np.ndarray]:
+        rows = np.array(self.rows, np.int64)
+        return {
+            "output_rows": np.repeat(rows, self.output_lens),
+            "output_tokens": np.concatenate(self.output_tokens),
+            "prompt_rows": np.repeat(rows, self.prompt_lens),
+            "prompt_tokens": np.concatenate(self.prompt_tokens),
+            "pending_index": np.array(self.pending_index, np.int64),
+            "pending_src": np.array(self.pending_src, np.int64),
+        }
+
+    def float_rows(self, num_rows: int) -> list[np.ndarray]:
+        """[presence, frequency, repetition], each over every sampled row (the neutral 0, 0,
+        1 for rows without penalties)."""
+        values: list[np.ndarray] = []
+        for given, neutral in ((self.presence, 0.0), (self.frequency, 0.0),
+                               (self.repetition, 1.0)):  # fmt: skip
+            row_values = np.full(num_rows, neutral, np.float32)
+            row_values[self.rows] = given
+            values.append(row_values)
+        return values
 
 
 class PreparedStep(NamedTuple):
@@ -177,6 +268,37 @@ _TORCH_DTYPES = {
 }
 
 
+class StepMeta(NamedTuple):
+    """A step's scalars, known on the host (reading them never waits on the device)."""
+
+    num_seqs: int
+    table_width: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_decode_seqs: int
+    num_logprobs: int
+    all_greedy: bool
+    any_top_k_top_p: bool
+    any_min_p: bool
+
+
+class HostStep(NamedTuple):
+    """One step's inputs on the host, packed by dtype: what `device_step` copies to the
+    device, and (under tensor parallelism) all that crosses from rank 0 to the other ranks."""
+
+    ints: np.ndarray
+    """int64 parts, concatenated in `int_sizes` order, each 16-byte aligned."""
+    int_sizes: dict[str, int]
+    int32s: np.ndarray
+    """int32 parts, likewise."""
+    int32_sizes: dict[str, int]
+    floats: np.ndarray
+    """float32 [rows, columns]: temperature, top-p, min-p, then on penalised steps presence,
+    frequency and repetition penalty; a column per sampled row (`int_sizes["seeds"]`), padded
+    to a multiple of 4 so that every row starts 16-byte aligned."""
+    meta: StepMeta
+
+
 def prepare_step(
     batch: StepBatch,
     block_size: int,
@@ -185,6 +307,11 @@ def prepare_step(
     staging: PinnedStaging | None = None,
 ) -> PreparedStep:
     """Device tensors for `batch` (through `staging` on CUDA)."""
+    return device_step(pack_step(batch, block_size), device, backend, staging)
+
+
+def pack_step(batch: StepBatch, block_size: int) -> HostStep:
+    """`batch` as a few flat numpy arrays (vectorised: this runs every step)."""
     q_lens = np.array(batch.q_lens, np.int64)
     seq_lens = np.array(batch.starts, np.int64) + q_lens
     cu_q = np.zeros(len(q_lens) + 1, np.int64)
@@ -206,31 +333,62 @@ def prepare_step(
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    floats = np.array([batch.temperatures, batch.top_ps, batch.min_ps], np.float32)
+    float_rows: list[Sequence[float] | np.ndarray] = [
+        batch.temperatures,
+        batch.top_ps,
+        batch.min_ps,
+    ]
+    if batch.penalties.rows:  # steps without penalties build and send nothing for them
+        ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
+        float_rows.extend(batch.penalties.float_rows(len(batch.seeds)))
+    meta = StepMeta(
+        num_seqs=len(q_lens),
+        table_width=tables.shape[1],
+        max_seqlen_q=int(q_lens.max()),
+        max_seqlen_k=int(seq_lens.max()),
+        num_decode_seqs=_leading_decodes(q_lens),
+        num_logprobs=batch.num_logprobs,
+        all_greedy=batch.all_greedy,
+        any_top_k_top_p=batch.any_top_k_top_p,
+        any_min_p=batch.any_min_p,
+    )
+    return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
+                    _pack_rows(float_rows), meta)  # fmt: skip
+
+
+def device_step(
+    host: HostStep,
+    device: torch.device,
+    backend: AttentionBackend,
+    staging: PinnedStaging | None = None,
+) -> PreparedStep:
+    """`host` on the model's device (one non-blocking copy per dtype through `staging` on
+    CUDA), with the forward context and sampling tensors built on it."""
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
-    views = _unpack(to_device(_pack(ints)), ints)
-    views32 = _unpack(to_device(_pack(int32s)), int32s)
-    f32 = to_device(floats.reshape(3, -1))
+    views = _unpack(to_device(host.ints), host.int_sizes)
+    views32 = _unpack(to_device(host.int32s), host.int32_sizes)
+    f32 = to_device(host.floats)[:, : host.int_sizes["seeds"]]  # one column per sampled row
+    meta = host.meta
     ctx = ForwardContext(
         positions=views["positions"],
         slot_mapping=views["slots"],
         cu_seqlens_q=views32["cu_q"],
         seq_lens_k=views32["seq_lens"],
-        block_tables=views32["tables"].view(tables.shape),
+        block_tables=views32["tables"].view(meta.num_seqs, meta.table_width),
         logits_indices=views["logits_indices"],
-        max_seqlen_q=int(q_lens.max()),
-        max_seqlen_k=int(seq_lens.max()),
-        num_decode_seqs=_leading_decodes(q_lens),
+        max_seqlen_q=meta.max_seqlen_q,
+        max_seqlen_k=meta.max_seqlen_k,
+        num_decode_seqs=meta.num_decode_seqs,
         attn_backend=backend,
     )
     ctx = dataclasses.replace(ctx, attn_metadata=backend.build_metadata(ctx))
-    pending = bool(batch.pending_dst)
+    pending = host.int_sizes["pending_dst"] > 0
     return PreparedStep(
         ctx=ctx,
         input_ids=views["input_ids"],
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
-        sampling=_sampling(batch, views, f32),
+        sampling=_sampling(meta, views, f32),
     )
 
 
@@ -283,18 +441,53 @@ def _pack(parts: dict[str, np.ndarray]) -> np.ndarray:
     return flat
 
 
-def _unpack(flat: torch.Tensor, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+_NUM_SAMPLING_ROWS = 3
+"""Float rows every step has (temperature, top-p, min-p); penalised steps add three more."""
+
+
+def _pack_rows(rows: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
+    """`rows` (equally long) as float32 [len(rows), padded]: the padding makes each row start
+    16-byte aligned, as `_pack` does for its parts (Triton specialises on alignment)."""
+    width = len(rows[0])
+    out = np.zeros((len(rows), _round_up(max(width, 1), _ALIGN_BYTES // 4)), np.float32)
+    for index, row in enumerate(rows):
+        out[index, :width] = row
+    return out
+
+
+def _sizes(parts: dict[str, np.ndarray]) -> dict[str, int]:
+    return {name: array.size for name, array in parts.items()}
+
+
+def _unpack(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     step = _ALIGN_BYTES // flat.element_size()
     views, start = {}, 0
-    for name, array in parts.items():
-        views[name] = flat[start : start + array.size]
-        start += _round_up(array.size, step)
+    for name, size in sizes.items():
+        views[name] = flat[start : start + size]
+        start += _round_up(size, step)
     return views
 
 
+def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {prefix + name: array for name, array in arrays.items()}
+
+
 def _sampling(
-    batch: StepBatch, views: dict[str, torch.Tensor], floats: torch.Tensor
+    meta: StepMeta, views: dict[str, torch.Tensor], floats: torch.Tensor
 ) -> SamplingTensors:
+    penalties = None
+    if len(floats) > _NUM_SAMPLING_ROWS:  # a penalised step (see `pack_step`)
+        penalties = PenaltyTensors(
+            presence=floats[_NUM_SAMPLING_ROWS],
+            frequency=floats[_NUM_SAMPLING_ROWS + 1],
+            repetition=floats[_NUM_SAMPLING_ROWS + 2],
+            output_rows=views["penalty_output_rows"],
+            output_tokens=views["penalty_output_tokens"],
+            prompt_rows=views["penalty_prompt_rows"],
+            prompt_tokens=views["penalty_prompt_tokens"],
+            pending_index=views["penalty_pending_index"],
+            pending_src=views["penalty_pending_src"],
+        )
     return SamplingTensors(
         temperatures=floats[0],
         top_k=views["top_k"],
@@ -304,8 +497,9 @@ def _sampling(
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
         banned_tokens=views["banned_tokens"],
-        all_greedy=batch.all_greedy,
-        any_top_k_top_p=batch.any_top_k_top_p,
-        any_min_p=batch.any_min_p,
-        num_logprobs=batch.num_logprobs,
+        all_greedy=meta.all_greedy,
+        any_top_k_top_p=meta.any_top_k_top_p,
+        any_min_p=meta.any_min_p,
+        num_logprobs=meta.num_logprobs,
+        penalties=penalties,
     )

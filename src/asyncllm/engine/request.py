@@ -8,7 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from asyncllm.outputs import (
+    CompletionChoice,
     FinishReason,
     RequestMetrics,
     RequestOutput,
@@ -27,6 +30,9 @@ __all__ = ["Request", "RequestStatus"]
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"
+    """A choice > 0 of an n > 1 request, kept out of the scheduler until choice 0 has
+    computed (and registered) the prompt's KV blocks, so that it starts from them."""
     RELEASED = "released"
     """Finished and out of the scheduler; it holds no KV blocks."""
 
@@ -45,6 +51,11 @@ class Request:
     eos_token_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer | None
     arrival_time: float = field(default_factory=time.monotonic)
+    choice: int = 0
+    """Which of the request's `params.n` choices this is; each choice is its own Request
+    (same request_id), and choice 0 holds the others in `siblings`."""
+    siblings: list[Request] = field(default_factory=list)
+    """On choice 0 of an n > 1 request: choices 1..n-1."""
 
     token_ids: list[int] = field(init=False)
     """Prompt followed by the generated tokens."""
@@ -83,6 +94,8 @@ class Request:
     """Decoded text not streamed yet: it could still be the start of a stop string."""
     _stop_ids: frozenset[int] = frozenset()
     _banned: tuple[int, ...] = ()
+    _distinct_prompt_ids: np.ndarray | None = None
+    _output_array: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -112,6 +125,37 @@ class Request:
         held until the step that computes it completes)."""
         return self.finish_reason is not None
 
+    @property
+    def choices(self) -> list[Request]:
+        """Every choice of the request, choice 0 (this one) first."""
+        return [self, *self.siblings]
+
+    @property
+    def all_choices_finished(self) -> bool:
+        return self.is_finished and all(s.is_finished for s in self.siblings)
+
+    def distinct_prompt_array(self) -> np.ndarray:
+        """The prompt's distinct token ids (what a repetition penalty needs), memoised."""
+        if self._distinct_prompt_ids is None:
+            self._distinct_prompt_ids = np.unique(np.array(self.prompt_token_ids, np.int64))
+        return self._distinct_prompt_ids
+
+    def output_array(self) -> np.ndarray:
+        """The generated tokens as int64, extended by the new ones on each call: penalties
+        read them every step, and converting the whole list each time would cost O(length)
+        in Python."""
+        known = self._output_array if self._output_array is not None else np.empty(0, np.int64)
+        if len(known) < self.num_output_tokens:
+            new = self.token_ids[self.num_prompt_tokens + len(known) :]
+            known = np.concatenate([known, np.array(new, np.int64)])
+        self._output_array = known
+        return known
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens (a copy)."""
+        return self.token_ids[len(self.prompt_token_ids) :]
+
     def banned_token_ids(self, num_generated: int) -> tuple[int, ...]:
         """Ids the sampler must not draw as output number `num_generated`: stop tokens while
         under min_tokens."""
@@ -128,6 +172,7 @@ class Request:
         self.token_ids.append(token_id)
         self.token_times.append(now)
         generated = len(self.token_ids) - len(self.prompt_token_ids)
+        held = len(self._held)
         text = self._held + (self.detokenizer.push(token_id) if self.detokenizer else "")
         self._held = ""
         reason: FinishReason | None = None
@@ -136,7 +181,7 @@ class Request:
         if generated >= self.params.min_tokens:
             if token_id in self._stop_ids:
                 reason = "stop"
-            elif stop and (cut := _find_stop(text, stop)) is not None:
+            elif stop and (cut := _find_stop(text, stop, held)) is not None:
                 text, reason = text[:cut], "stop"
         if reason is None and generated >= self.max_tokens:
             reason = "length"
@@ -166,6 +211,7 @@ class Request:
             index=index,
             logprobs=self.token_logprobs[index] if self.token_logprobs else None,
             finish_reason=self.finish_reason if last else None,
+            choice=self.choice,
         )
 
     @property
@@ -180,19 +226,41 @@ class Request:
             self.finish_reason = reason
 
     def to_output(self) -> RequestOutput:
-        """The final `RequestOutput` (call once finished)."""
-        assert self.finish_reason is not None, "to_output() before the request finished"
-        logprobs = None
-        if self.params.logprobs is not None:
-            logprobs = [lp for lp in self.token_logprobs if lp is not None]
+        """The final `RequestOutput` of this request and its siblings (call once all are
+        finished): choice 0 at the top level, every choice in `choices`."""
+        assert self.all_choices_finished, "to_output() before every choice finished"
+        choices = tuple(c.to_choice() for c in self.choices)
+        first = choices[0]
+        metrics = self._metrics()
+        if self.siblings:
+            metrics = metrics._replace(
+                e2e_latency=max(c._metrics().e2e_latency for c in self.choices),
+                num_preemptions=sum(c.num_preemptions for c in self.choices),
+            )
+        completion_tokens = sum(c.num_output_tokens for c in self.choices)
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_token_ids),
-            token_ids=self.token_ids[self.num_prompt_tokens :],
+            token_ids=first.token_ids,
+            text=first.text,
+            finish_reason=first.finish_reason,
+            usage=Usage(self.num_prompt_tokens, completion_tokens, self.num_cached_tokens),
+            metrics=metrics,
+            logprobs=first.logprobs,
+            choices=choices,
+        )
+
+    def to_choice(self) -> CompletionChoice:
+        """This choice's part of the output (call once finished)."""
+        assert self.finish_reason is not None, "to_choice() before the choice finished"
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = [lp for lp in self.token_logprobs if lp is not None]
+        return CompletionChoice(
+            index=self.choice,
+            token_ids=self.output_token_ids,
             text=self.text,
             finish_reason=self.finish_reason,
-            usage=Usage(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens),
-            metrics=self._metrics(),
             logprobs=logprobs,
         )
 
@@ -210,7 +278,13 @@ class Request:
         )
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    found = [i for s in stops if (i := text.find(s)) >= 0]
+def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
+    """Start of the earliest stop string in `text` that ends after `text[:new_from]`, or None.
+
+    Only matches that end in the new text count: one that ends in the held-back text was
+    either seen by an earlier call already or was produced under min_tokens, where it does not
+    count (how much text is held back depends on the longest stop string, so counting such a
+    match would make one stop string's fate depend on the others).
+    """
+    found = [i for s in stops if (i := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
     return min(found) if found else None

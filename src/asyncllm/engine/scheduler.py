@@ -51,6 +51,10 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_first(self, reqs: list[Request]) -> None:
+        """Queue `reqs` ahead of everyone waiting (in their order)."""
+        self.waiting.extendleft(reversed(reqs))
+
     def remove(self, req: Request) -> None:
         """Take a finished or aborted request out of the queues and free its blocks."""
         assert req.status is not RequestStatus.RELEASED, "request removed twice"

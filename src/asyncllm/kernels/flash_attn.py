@@ -1,15 +1,30 @@
-"""The flash-attn backend: FlashAttention-2's paged varlen kernel, when flash-attn is installed.
+"""The flash-attn backend: FlashAttention-2's paged kernels, when flash-attn is installed.
 
-Its paged path reads K/V through a block table whose pages must hold a multiple of 256
-tokens, so it is chosen automatically only for such block sizes (the engine falls back to
-Triton otherwise, with a log line). Every step, decodes included, is one varlen call: the
-kernel aligns causal masks bottom-right, which is what a prefill after a cached prefix needs.
-Steps run eagerly (no CUDA graphs): flash-attn's behaviour on the zero-length padding rows a
-graph replay would feed it is not something this backend relies on.
+Two calls, both reading K/V through the block table (flash-attn's paged path needs pages of
+a multiple of 256 tokens):
+
+- decode-only steps: `flash_attn_with_kvcache(q[B, 1, Hq, D], cache_seqlens, block_table)`.
+  Its launch depends only on the batch shape and the block table's width, never on sequence
+  lengths, so it is captured in the decode CUDA graphs. Padding rows of a graph (length 0,
+  stale block table) exit before reading any key and come back as zeros (tested in
+  tests/gpu/test_flash_attn.py).
+- every other step: `flash_attn_varlen_func(..., block_table=...)`, whose causal mask is
+  aligned bottom-right, as a prefill chunk after a cached prefix needs.
+
+Decodes run one key split (`decode_splits=1`) by default: flash-attn sizes its splits by
+the block table's *width*, which in a graph is the whole `max_model_len`, so extra splits
+would mostly idle; and with one split a row's result does not depend on that width, so a
+graph replay and an eager step give bit-identical outputs.
+
+Builds of flash-attn may compile only some head sizes and architectures (the shared wheel:
+head_dim 128, sm_90, fp16/bf16): `unsupported_reason` runs the kernel once on a tiny input
+to find out, so an engine refuses such a configuration at start-up instead of mid-run.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -21,43 +36,66 @@ from asyncllm.kernels.torch_ref import store_kv
 if TYPE_CHECKING:
     from asyncllm.context import ForwardContext
 
-__all__ = ["FlashAttention"]
+__all__ = ["FlashAttention", "flash_attn_import_error"]
 
-_PAGE_MULTIPLE = 256
+PAGE_MULTIPLE = 256
+"""flash-attn's paged KV cache needs block_size % PAGE_MULTIPLE == 0."""
+_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+
+StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class FlashAttention(AttentionBackend):
-    """Paged attention through `flash_attn.flash_attn_varlen_func(block_table=...)`."""
+    """Paged attention through flash-attn: `flash_attn_with_kvcache` for decode-only steps
+    (CUDA-graph capturable), `flash_attn_varlen_func(block_table=...)` for the rest.
+
+    Example:
+        >>> backend = FlashAttention()  # doctest: +SKIP
+        >>> out = backend.forward(ctx, q, k, v, k_cache, v_cache, scale=head_dim**-0.5)
+    """
 
     name: ClassVar[str] = "flash_attn"
+    supports_cuda_graphs: ClassVar[bool] = True
 
-    def __init__(self) -> None:
-        from flash_attn import flash_attn_varlen_func  # ImportError: backend unavailable
+    def __init__(self, decode_splits: int = 1) -> None:
+        """`decode_splits`: key splits of a decode row (0: flash-attn's own heuristic)."""
+        from flash_attn import (  # ImportError: backend unavailable
+            flash_attn_varlen_func,
+            flash_attn_with_kvcache,
+        )
 
-        self._varlen = flash_attn_varlen_func
+        if not isinstance(decode_splits, int) or not 0 <= decode_splits <= 128:
+            raise ValueError(f"decode_splits must be an int in [0, 128], got {decode_splits!r}")
+        self.decode_splits = decode_splits
+        self._varlen: Callable[..., torch.Tensor] = flash_attn_varlen_func
+        self._with_kvcache: Callable[..., torch.Tensor] = flash_attn_with_kvcache
+        self._store_kv = _store_kv_function()
 
     @classmethod
     def unsupported_reason(
         cls, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
     ) -> str | None:
-        """flash-attn needs CUDA, fp16/bf16, head_dim <= 256 and pages of 256k tokens."""
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "flash_attn is not installed"
-        if device.type != "cuda":
-            return "flash-attn needs a CUDA device"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn computes in float16/bfloat16, not {dtype}"
-        if block_size % _PAGE_MULTIPLE:
-            return f"its paged path needs block_size a multiple of {_PAGE_MULTIPLE}"
-        if head_dim > 256 or head_dim % 8:
-            return f"head_dim {head_dim} is not supported by flash-attn"
-        return None
+        """Every reason this configuration cannot run (joined by "; "), or None.
+
+        Checked without a GPU first: fp16/bf16, block_size a multiple of 256, head_dim <= 256
+        and a multiple of 8, a CUDA device, flash_attn importable. Then one tiny kernel launch
+        tells whether this build of flash-attn compiled that head size for this GPU.
+        """
+        reasons = _static_reasons(device, block_size, head_dim, dtype)
+        import_error = flash_attn_import_error()
+        if import_error is not None:
+            reasons.append(import_error)
+        if reasons:
+            return "; ".join(reasons)
+        return _kernel_error(device, block_size, head_dim, dtype)
 
     def build_metadata(self, ctx: ForwardContext) -> Any:
-        """cu_seqlens_k: prefix sums of the KV lengths (flash-attn's varlen convention)."""
-        return F.pad(ctx.seq_lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+        """cu_seqlens_k for the varlen call (prefix sums of the KV lengths); decode-only steps
+        need none."""
+        if ctx.is_decode_only:
+            return None
+        return _cu_seqlens_k(ctx)
 
     def forward(
         self,
@@ -69,24 +107,107 @@ class FlashAttention(AttentionBackend):
         v_cache: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        _store(k, v, k_cache, v_cache, ctx.slot_mapping)
-        # Eager steps only (no CUDA graphs), so there are no padding tokens to mask out.
-        out: torch.Tensor = self._varlen(
+        """Write this step's K/V into the cache and return the attention output [T, Hq, D]."""
+        self._store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        if ctx.is_decode_only:
+            return self._decode(ctx, q, k_cache, v_cache, scale)
+        cu_seqlens_k = ctx.attn_metadata if ctx.attn_metadata is not None else _cu_seqlens_k(ctx)
+        return self._varlen(
             q, k_cache, v_cache,
-            cu_seqlens_q=ctx.cu_seqlens_q, cu_seqlens_k=ctx.attn_metadata,
+            cu_seqlens_q=ctx.cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=ctx.max_seqlen_q, max_seqlen_k=ctx.max_seqlen_k,
             softmax_scale=scale, causal=True, block_table=ctx.block_tables,
         )  # fmt: skip
-        return out
+
+    def _decode(
+        self,
+        ctx: ForwardContext,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """One query per row: [B, 1, Hq, D] against each row's first seq_lens_k[b] keys."""
+        out = self._with_kvcache(
+            q.unsqueeze(1), k_cache, v_cache,
+            cache_seqlens=ctx.seq_lens_k, block_table=ctx.block_tables,
+            softmax_scale=scale, causal=True, num_splits=self.decode_splits,
+        )  # fmt: skip
+        return out.squeeze(1)
 
 
-def _store(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:  # fmt: skip
+def flash_attn_import_error() -> str | None:
+    """Why `import flash_attn` fails here, or None when it imports.
+
+    (A wheel built against another torch or CUDA fails with an ImportError naming a missing
+    symbol; a missing shared library surfaces as OSError.)
+    """
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"flash_attn is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _static_reasons(
+    device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+) -> list[str]:
+    reasons = []
+    if dtype not in _DTYPES:
+        reasons.append(f"flash-attn computes in float16 or bfloat16, not {dtype} (set dtype)")
+    if block_size % PAGE_MULTIPLE:
+        reasons.append(
+            f"flash-attn's paged KV cache needs block_size a multiple of {PAGE_MULTIPLE}, "
+            f"got {block_size}"
+        )
+    if head_dim > _MAX_HEAD_DIM or head_dim % 8:
+        reasons.append(
+            f"head_dim {head_dim} is not supported by flash-attn (a multiple of 8, "
+            f"at most {_MAX_HEAD_DIM})"
+        )
+    if device.type != "cuda":
+        reasons.append(f"flash-attn needs a CUDA device, not {device}")
+    return reasons
+
+
+def _kernel_error(
+    device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+) -> str | None:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_kernel(index, block_size, head_dim, dtype)
+
+
+@functools.cache
+def _probe_kernel(device_index: int, block_size: int, head_dim: int, dtype: torch.dtype
+                  ) -> str | None:  # fmt: skip
+    """Run the paged decode kernel once on one token; its error, if any, in one line."""
+    from flash_attn import flash_attn_with_kvcache
+
+    device = torch.device("cuda", device_index)
+    cache = torch.zeros(1, block_size, 1, head_dim, dtype=dtype, device=device)
+    query = torch.zeros(1, 1, 1, head_dim, dtype=dtype, device=device)
+    lengths = torch.ones(1, dtype=torch.int32, device=device)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    try:
+        flash_attn_with_kvcache(query, cache, cache, cache_seqlens=lengths, block_table=table)
+        torch.cuda.synchronize(device)
+    except RuntimeError as exc:  # TORCH_CHECK failures and "no kernel image" launch errors
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return (
+            f"this build of flash-attn cannot run head_dim {head_dim}, {dtype} on "
+            f"{torch.cuda.get_device_name(device)}: {first_line}"
+        )
+    return None
+
+
+def _cu_seqlens_k(ctx: ForwardContext) -> torch.Tensor:
+    return F.pad(ctx.seq_lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _store_kv_function() -> StoreKV:
+    """The Triton store kernel when Triton imports (one launch), else the torch one."""
     try:
         from asyncllm.kernels.triton_attn import triton_store_kv
     except ImportError:
-        store_kv(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        triton_store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return store_kv
+    return triton_store_kv

@@ -72,7 +72,7 @@ def add_rms_norm(
 def _qk_norm_rope_kernel(
     qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, positions_ptr, q_out_ptr, k_out_ptr,
     stride_qkv, eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -85,15 +85,16 @@ def _qk_norm_rope_kernel(
     hi = tl.load(src + half + cols)
     dtype = lo.dtype
     lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
-    inv = tl.rsqrt((tl.sum(lo32 * lo32, axis=0) + tl.sum(hi32 * hi32, axis=0)) / HEAD_DIM + eps)
-    if is_q:
-        w_lo = tl.load(q_weight_ptr + cols).to(tl.float32)
-        w_hi = tl.load(q_weight_ptr + half + cols).to(tl.float32)
-    else:
-        w_lo = tl.load(k_weight_ptr + cols).to(tl.float32)
-        w_hi = tl.load(k_weight_ptr + half + cols).to(tl.float32)
-    lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo).to(dtype).to(tl.float32)
-    hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi).to(dtype).to(tl.float32)
+    if HAS_NORM:
+        inv = tl.rsqrt((tl.sum(lo32 * lo32, axis=0) + tl.sum(hi32 * hi32, axis=0)) / HEAD_DIM + eps)
+        if is_q:
+            w_lo = tl.load(q_weight_ptr + cols).to(tl.float32)
+            w_hi = tl.load(q_weight_ptr + half + cols).to(tl.float32)
+        else:
+            w_lo = tl.load(k_weight_ptr + cols).to(tl.float32)
+            w_hi = tl.load(k_weight_ptr + half + cols).to(tl.float32)
+        lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo).to(dtype).to(tl.float32)
+        hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi).to(dtype).to(tl.float32)
     position = tl.load(positions_ptr + token)
     cos = tl.load(cos_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
@@ -109,14 +110,18 @@ def _qk_norm_rope_kernel(
 
 def qk_norm_rope(
     qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
-    q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per-head RMSNorm then rotary of the q and k parts of a packed qkv [T, (Hq+2Hkv)*D].
+    """Per-head RMSNorm then rotary of the q and k parts of a packed qkv [T, (Hq+2Hkv)*D];
+    rotary alone when the norm weights are None (models without q/k norm).
 
     `cos`/`sin` are [max_position, D] tables (float32); returns contiguous q [T, Hq, D] and
     k [T, Hkv, D].
     """
+    has_norm = q_weight is not None and k_weight is not None
+    if not has_norm:
+        q_weight = k_weight = cos  # never read: any pointer will do
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
@@ -124,7 +129,7 @@ def qk_norm_rope(
         _qk_norm_rope_kernel[(tokens, num_q_heads + num_kv_heads)](
             qkv, q_weight, k_weight, cos, sin, positions, q, k, qkv.stride(0), eps,
             NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            HALF=head_dim // 2, num_warps=1,
+            HALF=head_dim // 2, HAS_NORM=has_norm, num_warps=1,
         )  # fmt: skip
     return q, k
 

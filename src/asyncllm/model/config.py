@@ -3,18 +3,67 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asyncllm.errors import ModelLoadError
+from asyncllm.layers.rotary import RopeScaling
+from asyncllm.validation import MAX_INT32
 
-__all__ = ["ModelConfig"]
+__all__ = ["MOE_ARCHITECTURES", "ROPE_TYPES", "MoEConfig", "ModelConfig"]
+
+MOE_ARCHITECTURES = frozenset({"Qwen3MoeForCausalLM"})
+"""Architectures whose config.json describes experts (num_experts, moe_intermediate_size, ...);
+other architectures' files are not read for those keys."""
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+"""Rotary variants the engine computes exactly as transformers does."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """The mixture-of-experts keys of config.json (`MOE_ARCHITECTURES` only)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    """Renormalise the top-k routing weights to sum to 1."""
+    decoder_sparse_step: int
+    """Every decoder_sparse_step-th layer (1-based) is sparse..."""
+    mlp_only_layers: tuple[int, ...]
+    """...unless listed here (0-based): those keep a dense MLP of intermediate_size."""
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (0-based) routes to experts."""
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+    def check(self, num_hidden_layers: int, source: str) -> None:
+        """Raise `ModelLoadError` naming `source` and the key for values that contradict
+        each other or the layer count."""
+        if self.num_experts_per_tok > self.num_experts:
+            raise ModelLoadError(
+                f"{source}: 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the "
+                f"number of experts ({self.num_experts})"
+            )
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < num_hidden_layers]
+        if outside:
+            raise ModelLoadError(
+                f"{source}: 'mlp_only_layers' names layers {outside} outside "
+                f"[0, {num_hidden_layers})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Architecture hyper-parameters read from config.json (and generation_config.json)."""
+    """Architecture hyper-parameters read from config.json (and generation_config.json).
+
+    Every value is checked for its type (a bool is not an int, 1.7 is not an id, floats are
+    finite) and range (sizes in [1, 2**31 - 1], EOS ids inside the vocabulary); errors are
+    `ModelLoadError`s naming the file, the key and the value.
+    """
 
     architecture: str
     vocab_size: int
@@ -30,30 +79,39 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     eos_token_ids: tuple[int, ...]
+    mlp_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    """None: plain rotary ("default")."""
+    sliding_window: int | None = None
+    """The attention window a checkpoint asks for (None: full attention). The engine only
+    serves such a model when max_model_len <= sliding_window, where the two are the same."""
+    moe: MoEConfig | None = None
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
-        """Read `model_dir`/config.json; raises `ModelLoadError` naming what is wrong."""
-        raw = _read_json(model_dir / "config.json", required=True)
+        """Read `model_dir`/config.json (and generation_config.json); raises `ModelLoadError`
+        naming the file, the key and the value that is wrong."""
+        config_path = model_dir / "config.json"
+        generation_path = model_dir / "generation_config.json"
+        raw = _read_json(config_path, required=True)
         assert raw is not None  # required=True raises instead
-        generation = _read_json(model_dir / "generation_config.json", required=False)
-        return cls.from_dict(raw, generation, source=str(model_dir / "config.json"))
+        generation = _read_json(generation_path, required=False)
+        return cls.from_dict(
+            raw, generation, source=str(config_path), generation_source=str(generation_path)
+        )
 
     @classmethod
     def from_dict(
-        cls, raw: dict[str, Any], generation: dict[str, Any] | None = None, source: str = "config"
+        cls,
+        raw: dict[str, Any],
+        generation: dict[str, Any] | None = None,
+        source: str = "config.json",
+        generation_source: str = "generation_config.json",
     ) -> ModelConfig:
-        """Build from the parsed config.json (and optional generation_config.json)."""
+        """Build from the parsed config.json (and optional generation_config.json); `source`
+        and `generation_source` name them in errors."""
 
-        def get(key: str, kind: type, default: Any = None) -> Any:
-            value = raw.get(key, default)
-            if value is None:
-                raise ModelLoadError(f"{source}: required key {key!r} is missing")
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ModelLoadError(f"{source}: {key!r} must be {kind.__name__}, got {value!r}")
-            return value
+        get = _Reader(raw, source).get
 
         archs = raw.get("architectures")
         if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
@@ -61,24 +119,37 @@ class ModelConfig:
         _reject_unsupported_features(raw, source)
         heads = get("num_attention_heads", int)
         hidden = get("hidden_size", int)
+        vocab_size = get("vocab_size", int)
+        max_positions = get("max_position_embeddings", int)
+        eos_source = generation_source if generation and "eos_token_id" in generation else source
         config = cls(
             architecture=archs[0],
-            vocab_size=get("vocab_size", int),
+            vocab_size=vocab_size,
             hidden_size=hidden,
             intermediate_size=get("intermediate_size", int),
             num_hidden_layers=get("num_hidden_layers", int),
             num_attention_heads=heads,
             num_key_value_heads=get("num_key_value_heads", int, heads),
-            head_dim=get("head_dim", int, hidden // heads if heads else 0),
+            head_dim=get("head_dim", int, hidden // heads if heads > 0 else 0),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
             rope_theta=_rope_theta(raw, source),
-            max_position_embeddings=get("max_position_embeddings", int),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
             attention_bias=get("attention_bias", bool, False),
-            eos_token_ids=_eos_ids(raw, generation or {}),
+            eos_token_ids=_eos_ids(raw, generation or {}, vocab_size, eos_source),
+            mlp_bias=get("mlp_bias", bool, False),
+            rope_scaling=_rope_scaling(raw, source, max_positions),
+            sliding_window=_sliding_window(raw, source),
+            moe=_moe(raw, source) if archs[0] in MOE_ARCHITECTURES else None,
         )
         config._check(source)
         return config
+
+    @property
+    def rotary_table_bytes(self) -> int:
+        """Bytes of the rotary cos and sin tables: float32, one row per position up to
+        max_position_embeddings (the least that building the model allocates)."""
+        return 2 * self.max_position_embeddings * self.head_dim * 4
 
     def _check(self, source: str) -> None:
         for name in (
@@ -91,10 +162,15 @@ class ModelConfig:
             "head_dim",
             "max_position_embeddings",
         ):
-            if getattr(self, name) <= 0:
+            # Token ids, positions and sizes are int32 in the kernels.
+            if not 0 < getattr(self, name) <= MAX_INT32:
                 raise ModelLoadError(
-                    f"{source}: {name} must be positive, got {getattr(self, name)}"
+                    f"{source}: {name} must be in [1, 2**31 - 1], got {getattr(self, name)}"
                 )
+        if self.rms_norm_eps <= 0:
+            raise ModelLoadError(
+                f"{source}: rms_norm_eps must be positive, got {self.rms_norm_eps}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
@@ -102,6 +178,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"{source}: head_dim must be even for rotary, got {self.head_dim}")
+        if self.moe is not None:
+            self.moe.check(self.num_hidden_layers, source)
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
@@ -118,30 +196,165 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
     return data
 
 
+class _Reader:
+    """Typed reads of config.json keys; errors name the file, the key and the value."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    def get(self, key: str, kind: type, default: Any = None) -> Any:
+        """`raw[key]` as `kind`; absent or null means `default` (None: the key is required)."""
+        value = self.raw.get(key)
+        if value is None:  # absent, or null: both mean "not set"
+            value = default
+        if value is None:
+            raise ModelLoadError(f"{self.source}: required key {key!r} is missing")
+        return _typed(value, kind, f"{self.source}: {key!r}")
+
+    def positive(self, key: str, kind: type, default: Any = None) -> Any:
+        """`get`, then a check that the number is positive (and an int fits int32)."""
+        value = self.get(key, kind, default)
+        limit = MAX_INT32 if kind is int else math.inf
+        if not 0 < value <= limit:
+            bound = "[1, 2**31 - 1]" if kind is int else "positive"
+            raise ModelLoadError(f"{self.source}: {key!r} must be {bound}, got {value!r}")
+        return value
+
+
+def _typed(value: object, kind: type, where: str) -> Any:
+    """`value` as `kind` (int, float or bool), or `ModelLoadError` naming `where`: a bool is
+    not an int, 1.7 is not an int, and a float must be finite."""
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ModelLoadError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ModelLoadError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ModelLoadError(f"{where} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _rope_parameters(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{source}: {key!r} must be an object (or null), got {value!r}")
+    return value
+
+
 def _rope_theta(raw: dict[str, Any], source: str) -> float:
     # transformers 5 nests it in rope_parameters; older config.json files keep it top-level.
-    params = raw.get("rope_parameters") or {}
+    params = _rope_parameters(raw, "rope_parameters", source)
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise ModelLoadError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
+        raise ModelLoadError(
+            f"{source}: rope_theta must be a positive finite number, got {theta!r}"
+        )
     return float(theta)
 
 
 def _reject_unsupported_features(raw: dict[str, Any], source: str) -> None:
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type != "default":
-        raise ModelLoadError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported")
-    if raw.get("use_sliding_window"):
-        raise ModelLoadError(f"{source}: sliding-window attention is not supported")
 
 
-def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:
-    # generation_config.json wins: it is what transformers' generate() uses.
-    value = generation.get("eos_token_id", raw.get("eos_token_id"))
+def _rope_scaling(raw: dict[str, Any], source: str, max_positions: int) -> RopeScaling | None:
+    """The rope scaling of `rope_scaling` (transformers 4) or else `rope_parameters` (5)."""
+    key = "rope_scaling" if raw.get("rope_scaling") is not None else "rope_parameters"
+    params = _rope_parameters(raw, key, source)
+    where = f"{source}: {key!r}"
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:  # a rotary over part of each head: no family here uses one
+        raise ModelLoadError(
+            f"{source}: 'partial_rotary_factor' {partial!r} is not supported (only 1.0)"
+        )
+    if rope_type not in ROPE_TYPES:
+        raise ModelLoadError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: {list(ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return None
+    read = _Reader(params, where).positive
+    factor = read("factor", float)
+    if factor < 1.0:
+        raise ModelLoadError(f"{where}: 'factor' must be >= 1, got {factor!r}")
+    if rope_type != "llama3":
+        return RopeScaling(rope_type, factor)
+    low, high = read("low_freq_factor", float), read("high_freq_factor", float)
+    if high <= low:
+        raise ModelLoadError(
+            f"{where}: 'high_freq_factor' ({high!r}) must exceed 'low_freq_factor' ({low!r})"
+        )
+    # transformers falls back to max_position_embeddings when the original length is absent.
+    original = read("original_max_position_embeddings", int, max_positions)
+    return RopeScaling(rope_type, factor, low, high, original)
+
+
+def _sliding_window(raw: dict[str, Any], source: str) -> int | None:
+    """The window the checkpoint's attention uses, or None for full attention.
+
+    Qwen2/Qwen3 files carry `sliding_window` even when `use_sliding_window` is false (then it
+    is unused); Mistral's have no switch: a non-null `sliding_window` is used. transformers 5
+    may also list per-layer `layer_types`.
+    """
+    read = _Reader(raw, source)
+    enabled = read.get("use_sliding_window", bool, True)
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and (
+        not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)
+    ):
+        raise ModelLoadError(
+            f"{source}: 'layer_types' must be a list of names, got {layer_types!r}"
+        )
+    if "sliding_attention" in (layer_types or []):
+        enabled = True
+    if raw.get("sliding_window") is None or not enabled:
+        return None
+    window: int = read.positive("sliding_window", int)
+    return window
+
+
+def _moe(raw: dict[str, Any], source: str) -> MoEConfig:
+    read = _Reader(raw, source)
+    # transformers 5 writes num_local_experts; the published checkpoints say num_experts.
+    key = "num_experts"
+    if raw.get(key) is None and raw.get("num_local_experts") is not None:
+        key = "num_local_experts"
+    only = raw.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(_typed_int(i) is None for i in only):
+        raise ModelLoadError(
+            f"{source}: 'mlp_only_layers' must be a list of layer indices, got {only!r}"
+        )
+    return MoEConfig(
+        num_experts=read.positive(key, int),
+        num_experts_per_tok=read.positive("num_experts_per_tok", int),
+        moe_intermediate_size=read.positive("moe_intermediate_size", int),
+        norm_topk_prob=read.get("norm_topk_prob", bool, False),
+        decoder_sparse_step=read.positive("decoder_sparse_step", int, 1),
+        mlp_only_layers=tuple(only),
+    )
+
+
+def _typed_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _eos_ids(
+    raw: dict[str, Any], generation: dict[str, Any], vocab_size: int, source: str
+) -> tuple[int, ...]:
+    """The EOS ids, from `source` (generation_config.json, which wins since transformers'
+    generate() uses it, else config.json): each an int id inside the vocabulary."""
+    value = generation["eos_token_id"] if "eos_token_id" in generation else raw.get("eos_token_id")
     if value is None:
         return ()
     ids = value if isinstance(value, list) else [value]
-    return tuple(int(i) for i in ids)
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise ModelLoadError(
+                f"{source}: eos_token_id must be a token id in [0, {vocab_size}) or a list of "
+                f"them, got {value!r}"
+            )
+    return tuple(ids)

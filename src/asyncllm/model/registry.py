@@ -10,7 +10,11 @@ from asyncllm.model.base import CausalLM
 __all__ = ["MODEL_REGISTRY", "model_class"]
 
 MODEL_REGISTRY: dict[str, str] = {
+    "LlamaForCausalLM": "asyncllm.model.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "asyncllm.model.mistral:MistralForCausalLM",
+    "Qwen2ForCausalLM": "asyncllm.model.qwen2:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "asyncllm.model.qwen3:Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM": "asyncllm.model.qwen3_moe:Qwen3MoeForCausalLM",
 }
 
 
