@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from asyncllm import AsyncEngine, SamplingParams
 from asyncllm.model.config import ModelConfig
-from tests.models import TINY_MODEL_DIR
+from tests.models import TINY_MODEL_DIR, assert_reads_as_a_story
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 ASK = {"role": "user", "content": "Tell me a story about a brave fox named Leo."}
@@ -72,5 +72,5 @@ async def test_greedy_chat_answer_is_a_story_that_ends_its_turn(tokenizer: Any) 
     specials = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     assert out.finish_reason == "stop" and out.token_ids[-1] == specials[-1]
     assert set(specials).isdisjoint(out.token_ids[:-1])
-    assert out.text.strip() and "<|" not in out.text
+    assert_reads_as_a_story(out.text, ASK["content"])
     assert "Leo" in out.text and "fox" in out.text  # the story is the one asked for
