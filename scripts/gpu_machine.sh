@@ -23,9 +23,11 @@ source scripts/gpu_env.sh
 gpu_env_setup || exit 1
 
 throughput() {  # the issue-11 run: block 256, both peers, the floor; JSON in $OUT
+  # THROUGHPUT_ARGS adds options (e.g. --num-decode-steps 4).
+  # shellcheck disable=SC2086  # word splitting of THROUGHPUT_ARGS intended
   "$PY" -m asyncllm bench throughput --peers nano-vllm,transformers --block-size 256 \
     --nano-vllm-path "${NANO_VLLM_PATH:-.peers/nano-vllm}" --work-dir "$WORK" \
-    --out "$OUT/throughput-h200.json" 2>&1 | tee "$OUT/throughput.log"
+    --out "$OUT/throughput-h200.json" ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log"
 }
 
 status=0

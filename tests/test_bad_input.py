@@ -103,6 +103,7 @@ BAD_ENGINE_VALUES: list[tuple[str, Any]] = [
     *[("overlap_scheduling", v) for v in ("yes", 1)],
     *[("seed", v) for v in (-1, 2**64, 1.5, True)],
     *[("tensor_parallel_size", v) for v in (0, -2, 1.5, True, "2")],
+    *[("num_decode_steps", v) for v in (0, -1, 65, 1.5, True, "4", None)],
 ]
 
 

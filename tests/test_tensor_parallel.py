@@ -65,9 +65,11 @@ NAMES = sorted(TP_CONFIGS)
 
 # A pool of 30 blocks of 16 tokens, 32-token steps: crowds preempt and long prompts chunk.
 # Overlapped scheduling: every step's pending tokens come from the device, on both ranks.
+# Multi-step decode: once a crowd settles, steps run three decode steps each, on both ranks.
 TIGHT = dict(
     device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=30, block_size=16,
     max_model_len=200, max_num_batched_tokens=32, max_num_seqs=16, overlap_scheduling=True,
+    num_decode_steps=3,
 )  # fmt: skip
 GREEDY = SamplingParams(temperature=0, max_tokens=32)
 
@@ -129,10 +131,22 @@ async def test_crowded_batch_with_preemption_matches_transformers(
         await anyio.sleep(delays[index])  # arrival time, not synchronisation
         outputs[index] = (await engine.generate(prompts[index], GREEDY)).token_ids
 
-    async with anyio.create_task_group() as group:
-        for index in range(len(prompts)):
-            group.start_soon(client, index)
+    schedule, runs = engine._core.schedule, []
+
+    def recording() -> Any:
+        step = schedule()
+        runs.append(step is not None and step.num_steps > 1)
+        return step
+
+    engine._core.schedule = recording  # type: ignore[method-assign]
+    try:
+        async with anyio.create_task_group() as group:
+            for index in range(len(prompts)):
+                group.start_soon(client, index)
+    finally:
+        del engine._core.schedule
     assert engine.stats().num_preemptions > before  # 30 blocks cannot hold this crowd
+    assert any(runs)  # and multi-step decode runs on both ranks
     assert outputs == expected(references[name], prompts)
 
 
@@ -410,6 +424,17 @@ def test_a_step_crosses_to_the_workers_unchanged(num_seqs: int) -> None:
     assert back.int_sizes == host.int_sizes and back.int32_sizes == host.int32_sizes
     for name in ("ints", "int32s", "floats"):
         assert (getattr(back, name) == getattr(host, name)).all(), name
+
+
+def test_a_decode_run_crosses_to_the_workers_with_its_length() -> None:
+    batch = StepBatch(num_steps=5)
+    for i in range(3):
+        batch.add([], 10 + i, [i], i, SampleSpec(SamplingParams(temperature=0), seed=i, offset=2))
+    host = pack_step(batch, block_size=16)
+    back = decode_step(*encode_step(host))
+    assert back.meta == host.meta and back.meta.num_steps == 5
+    backend = create_attention_backend("torch", torch.device("cpu"), 16, 16, torch.float32)
+    assert device_step(back, torch.device("cpu"), backend).num_steps == 5
 
 
 def test_a_penalised_step_crosses_to_the_workers_with_its_penalties() -> None:

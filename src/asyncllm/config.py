@@ -27,6 +27,10 @@ __all__ = ["ATTENTION_BACKEND_NAMES", "EngineConfig"]
 ATTENTION_BACKEND_NAMES = ("auto", "torch", "triton", "flash_attn")
 """Valid `EngineConfig.attention_backend` values ("auto" plus `asyncllm.kernels`' registry)."""
 
+MAX_DECODE_STEPS = 64
+"""Largest `EngineConfig.num_decode_steps`: longer runs save nothing measurable and hold
+streams' tokens back longer."""
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -83,6 +87,14 @@ class EngineConfig:
     """Disable CUDA graphs (they are never used on CPU)."""
     overlap_scheduling: bool | None = None
     """Schedule step N+1 while the device runs step N; None: on for CUDA, off for CPU."""
+    num_decode_steps: int = 1
+    """Decode steps one launch may run (multi-step decode, at most 64): when every running
+    request is decoding, none can join, and none reaches its token limit, min_tokens or
+    needs penalties within that many steps, the device runs them back to back, feeding each
+    step's tokens to the next, and the host processes their tokens in one pass. Outputs are
+    the same as with 1 (a request that stops mid-run drops the tokens drawn after its stop);
+    the host's cost per step shrinks by about this factor, and streams get tokens this many
+    at a time."""
     seed: int = 0
     """Seed of the engine's sampling, in [0, 2**64); requests without their own seed draw one
     from it."""
@@ -113,6 +125,7 @@ class EngineConfig:
             "tensor_parallel_size",
         ):
             self._normalise(name, _bounded_int(name, MAX_INT32))
+        self._normalise("num_decode_steps", _bounded_int("num_decode_steps", MAX_DECODE_STEPS))
         for name in ("max_model_len", "num_kv_blocks", "max_waiting_requests"):
             self._normalise(name, _optional(_bounded_int(name, MAX_INT32)))
         self._normalise("kv_cache_bytes", _optional(_bounded_int("kv_cache_bytes", MAX_INT64)))

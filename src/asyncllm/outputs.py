@@ -117,6 +117,7 @@ class EngineStats(NamedTuple):
     """Prompt tokens looked up in the prefix cache."""
     prefix_cache_hit_tokens: int
     num_steps: int
+    """Forward passes run (each step of a multi-step decode run counts)."""
     num_preemptions: int
     num_finished: int
     prompt_tokens_total: int

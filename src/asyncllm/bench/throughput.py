@@ -101,6 +101,8 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
     }
     if args.block_size:
         overrides["block_size"] = args.block_size
+    if args.num_decode_steps:
+        overrides["num_decode_steps"] = args.num_decode_steps
     engine = AsyncEngine.from_pretrained(str(model_dir), **overrides)
     params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
               for n in outputs]  # fmt: skip
@@ -127,6 +129,7 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
             "gib": stats.kv_blocks_total * runner.kv_block_bytes / 2**30,
         }
         result["attention_backend"] = stats.attention_backend
+        result["num_decode_steps"] = engine.config.num_decode_steps
         result["step_seconds"] = stats.step_seconds
         result["steps"] = stats.num_steps
         result["cuda_graphs"] = runner.graphs is not None
@@ -213,6 +216,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES,
                    help="attention kernels to use (default: auto)")  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--num-decode-steps", type=int, default=0,
+                   help="decode steps per launch (default: 0, the engine's default)")  # fmt: skip
     p.add_argument("--peers", type=_peers_argument, default=("transformers",),
                    help=f"peers to run on the same workload, each in its own process: "
                         f"comma-separated from {','.join(PEERS)}, or none "

@@ -423,16 +423,24 @@ class AsyncEngine:
     async def _process(self, step: ScheduledStep, result: StepResult) -> None:
         """Hand a completed step's tokens to their streams, yielding every 64 requests."""
         now = time.monotonic()
-        sampled = self._core.sampled(step, result)
+        core = self._core
+        with core.clock("process"):
+            sampled = core.sampled(step, result)
         for start in range(0, len(sampled), 64):
-            with self._core.clock("process"):
-                for req, token_id, logprobs in sampled[start : start + 64]:
-                    if self._core.apply(req, token_id, logprobs, now):
-                        self._notify(req)
-                        if req.is_finished:
+            with core.clock("process"):
+                for drawn in sampled[start : start + 64]:
+                    if core.apply(drawn, now):
+                        req = drawn.request
+                        # A reader that waits for the end only is woken by the end.
+                        if req.waiter is not None and (
+                            req.finish_reason is not None or not req.wakes_at_end
+                        ):
+                            self._notify(req)
+                        if req.finish_reason is not None:
                             self._on_finished(req)
             await anyio.lowlevel.checkpoint()
-        self._core.end_step(step)
+        with self._core.clock("process"):
+            self._core.end_step(step)
 
     def _on_finished(self, req: Request) -> None:
         _log_request(
@@ -498,8 +506,7 @@ def _log_request(level: int, req: Request, message: str, *args: object) -> None:
 async def _read_to_end(stream: RequestStream) -> RequestOutput:
     """Read `stream` to its end and return its output; leaving early aborts the request."""
     async with stream:
-        async for _ in stream.chunks():
-            pass
+        await stream.finished()
         return stream.output()
 
 

@@ -68,6 +68,11 @@ class BlockManager:
         return len(self._free)
 
     @property
+    def num_unused_blocks(self) -> int:
+        """Blocks `allocate` can hand out (free or evictable)."""
+        return len(self._free) + len(self._cached)
+
+    @property
     def num_cached_blocks(self) -> int:
         """Unreferenced blocks with reusable content."""
         return len(self._cached)
@@ -171,8 +176,7 @@ class BlockManager:
                     self._free.append(block_id)
                 else:
                     self._cached[block_id] = None
-        req.block_ids.clear()
-        req.num_registered_blocks = 0
+        req.drop_blocks()
 
     # ---- registration ------------------------------------------------------------------------
 

@@ -15,13 +15,14 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import xxhash
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.inputs import sampling_row
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
@@ -38,13 +39,21 @@ from asyncllm.parallel import check_divisible
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL_DIR", "EngineCore", "Prompt"]
+__all__ = ["DEFAULT_MODEL_DIR", "Drawn", "EngineCore", "Prompt"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen3"
 
 Prompt = str | Sequence[int]
+
+
+class Drawn(NamedTuple):
+    """The tokens one step drew for one request (more than one from a decode run)."""
+
+    request: Request
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
 
 
 class EngineCore:
@@ -108,7 +117,10 @@ class EngineCore:
             self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens
+            self.blocks,
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+            self.config.num_decode_steps,
         )
 
     # ---- admission ---------------------------------------------------------------------------
@@ -242,50 +254,78 @@ class EngineCore:
         return self.runner.prepare(self._batch(step))
 
     def _batch(self, step: ScheduledStep) -> StepBatch:
-        batch, row = StepBatch(), 0
+        run, step_id = step.num_steps, step.step_id
+        batch, row = StepBatch(run), 0
+        add = batch.add
         for req, count, samples in zip(step.requests, step.num_tokens, step.samples):
-            start = req.num_computed_tokens - count
+            # A run's first step computes the first of the `run` tokens it adds.
+            start = req.num_computed_tokens - count * run
             tokens = req.token_ids[start : start + count]
             # A token drawn by the step before is not here yet: the runner takes it from the
             # device, from that step's row for this request.
             pending_row = None
             if len(tokens) < count:
-                assert req.sample_step == step.step_id - 1, "a pending token skipped a step"
+                assert req.sample_step == step_id - 1, "a pending token skipped a step"
                 pending_row = req.sample_row
             sample = None
             if samples:
-                drawn = len(req.token_ids) - req.num_prompt_tokens + req.num_pending_tokens - 1
-                sample = SampleSpec(req.params, req.seed, drawn, req.banned_token_ids(drawn))
-                if req.params.has_penalties:
-                    sample = sample._replace(
-                        output_token_ids=req.output_array(),
-                        prompt_token_ids=req.distinct_prompt_array(),
-                    )
-                req.sample_row, req.sample_step, row = row, step.step_id, row + 1
-            batch.add(tokens, start, req.block_ids, pending_row, sample)
+                sample = self._sample_spec(req, run)
+                req.sample_row, req.sample_step, row = row, step_id, row + 1
+            add(tokens, start, req.block_array(), pending_row, sample)
         return batch
 
-    def sampled(
-        self, step: ScheduledStep, result: StepResult
-    ) -> list[tuple[Request, int, TokenLogprobs | None]]:
-        """The (request, token, logprobs) a completed step drew, in order."""
+    @staticmethod
+    def _sample_spec(req: Request, run: int) -> SampleSpec:
+        drawn = len(req.token_ids) - len(req.prompt_token_ids) + req.num_pending_tokens - run
+        params = req.params
+        if req.sampling_row is None:
+            req.sampling_row = sampling_row(params, req.seed)
+        banned = req.banned_token_ids(drawn)
+        if not params.has_penalties:
+            return SampleSpec(params, req.seed, drawn, banned, row=req.sampling_row)
+        return SampleSpec(params, req.seed, drawn, banned, req.output_array(),
+                          req.distinct_prompt_array(), req.sampling_row)  # fmt: skip
+
+    def sampled(self, step: ScheduledStep, result: StepResult) -> list[Drawn]:
+        """What a completed step drew for each request that sampled, in order (a decode run
+        gives each request its tokens of every step, in order)."""
         self._processed_step_id = step.step_id
         samplers = [req for req, samples in zip(step.requests, step.samples) if samples]
-        return list(zip(samplers, result.token_ids, result.logprobs))
+        tokens, logprobs, rows = result.token_ids, result.logprobs, len(samplers)
+        if step.num_steps == 1:
+            return [Drawn(req, [t], [lp]) for req, t, lp in zip(samplers, tokens, logprobs)]
+        # The result lists the run step by step: a request's tokens are every rows-th.
+        return [
+            Drawn(req, tokens[row::rows], logprobs[row::rows]) for row, req in enumerate(samplers)
+        ]
 
-    def apply(
-        self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
-    ) -> bool:
-        """Give `req` a token its step drew; False when the request had ended meanwhile."""
-        req.num_pending_tokens -= 1
+    def apply(self, drawn: Drawn, now: float) -> bool:
+        """Give a request the tokens its step drew (as many as its stop rules and limit let
+        it keep); False when it had ended meanwhile."""
+        req, tokens = drawn.request, drawn.token_ids
+        req.num_pending_tokens -= len(tokens)
         if req.is_finished:  # aborted or stopped while the step ran
             return False
-        self._append(req, token_id, logprobs, now)
+        self._append(req, drawn, now)
         return True
+
+    def _append(self, req: Request, drawn: Drawn, now: float) -> None:
+        before = len(req.token_ids)
+        if req.decodes_lazily:
+            req.append_tokens(drawn.token_ids, drawn.logprobs, now)
+        else:
+            for token_id, logprobs in zip(drawn.token_ids, drawn.logprobs):
+                req.append_token(token_id, logprobs, now)
+                if req.is_finished:
+                    break  # a run's tokens after the stop are dropped
+        # max_tokens already respects max_model_len
+        self.generated_tokens += len(req.token_ids) - before
+        if req.is_finished:
+            self._release_when_idle(req)
 
     def end_step(self, step: ScheduledStep) -> None:
         """Book-keeping once all of a step's tokens are applied."""
-        self.num_steps += 1
+        self.num_steps += step.num_steps
         self.scheduler.after_step(step)
         self._release_deferred()
         if self._holding:
@@ -305,14 +345,6 @@ class EngineCore:
                 sibling.status = RequestStatus.WAITING
             self.scheduler.add_first(held)
         self._holding = still_holding
-
-    def _append(
-        self, req: Request, token_id: int, logprobs: TokenLogprobs | None, now: float
-    ) -> None:
-        req.append_token(token_id, logprobs, now)  # max_tokens already respects max_model_len
-        self.generated_tokens += 1
-        if req.is_finished:
-            self._release_when_idle(req)
 
     def abort(self, req: Request) -> None:
         """End `req` and its other choices now; their blocks go back at once, or as soon as

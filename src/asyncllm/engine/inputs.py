@@ -7,6 +7,10 @@ dtype (through pinned memory on CUDA), so building step N+1 never waits for step
 every step for every sequence: it is kept lean. Under tensor parallelism the `HostStep` is
 what rank 0 sends the other ranks, which run `device_step` on it themselves.
 Penalties add their per-row values and token lists only to steps where some row has one.
+
+A multi-step decode run (`StepBatch.num_steps` > 1) is packed as its first step;
+`next_decode_step` derives each following step's inputs on the device from the one before
+and the tokens it drew, so nothing crosses from the host between the steps of a run.
 """
 
 from __future__ import annotations
@@ -29,17 +33,40 @@ __all__ = [
     "PinnedStaging",
     "PreparedStep",
     "SampleSpec",
+    "SamplingRow",
     "SeqStep",
     "StepBatch",
     "StepMeta",
     "device_step",
+    "next_decode_step",
     "pack_step",
     "prepare_step",
+    "sampling_row",
 ]
 
 
 _INT64_LIMIT = 2**63
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class SamplingRow(NamedTuple):
+    """A sequence's sampling parameters as the step's tensors hold them (see `sampling_row`):
+    worked out once per request, not every step."""
+
+    floats: tuple[float, float, float]
+    """temperature (0 for greedy, capped below float32's overflow), top_p, min_p."""
+    ints: tuple[int, int, int]
+    """top_k, seed (its 64 bits as an int64), logprobs asked for (-1: none)."""
+
+
+def sampling_row(params: SamplingParams, seed: int) -> SamplingRow:
+    """`params` and `seed` as the tensors can hold them: tiny temperatures are greedy (0),
+    huge ones are capped below float32's overflow (still uniform in effect), and seeds of
+    2**63 or more wrap to the negative int64 with the same 64 bits."""
+    temperature = 0.0 if params.is_greedy else min(params.temperature, _FLOAT32_MAX)
+    seed = seed if seed < _INT64_LIMIT else seed - 2 * _INT64_LIMIT
+    logprobs = -1 if params.logprobs is None else params.logprobs
+    return SamplingRow((temperature, params.top_p, params.min_p), (params.top_k, seed, logprobs))
 
 
 class SampleSpec(NamedTuple):
@@ -57,6 +84,8 @@ class SampleSpec(NamedTuple):
     pending on the device is added from there)."""
     prompt_token_ids: Sequence[int] | np.ndarray = ()
     """With a repetition penalty: the prompt's token ids (each distinct id once suffices)."""
+    row: SamplingRow | None = None
+    """`sampling_row(params, seed)`, if the caller keeps it (None: worked out here)."""
 
 
 class SeqStep(NamedTuple):
@@ -75,28 +104,23 @@ class SeqStep(NamedTuple):
 
 
 class StepBatch:
-    """One step's sequences, accumulated in flat lists."""
+    """One step's sequences, accumulated in flat lists; `num_steps` > 1 makes it a decode
+    run (every sequence a sampling decode) of that many steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_steps: int = 1) -> None:
+        self.num_steps = num_steps
         self.tokens: list[int] = []
         self.q_lens: list[int] = []
         self.starts: list[int] = []
-        self.tables: list[Sequence[int]] = []
+        self.tables: list[Sequence[int] | np.ndarray] = []
         self.pending_dst: list[int] = []
         self.pending_src: list[int] = []
         self.sampled_seqs: list[int] = []
-        # One entry per sampled row; the batch-wide flags are kept up to date as rows come.
-        self.temperatures: list[float] = []
-        self.top_ps: list[float] = []
-        self.min_ps: list[float] = []
-        self.top_ks: list[int] = []
-        self.seeds: list[int] = []
+        # One entry per sampled row (the step-wide flags are worked out when it is packed).
+        self.sample_floats: list[tuple[float, float, float]] = []
+        self.sample_ints: list[tuple[int, int, int]] = []
         self.offsets: list[int] = []
         self.banned: list[tuple[int, int]] = []
-        self.all_greedy = True
-        self.any_top_k_top_p = False
-        self.any_min_p = False
-        self.num_logprobs = -1
         self.penalties = _PenaltyLists()
 
     @classmethod
@@ -110,7 +134,7 @@ class StepBatch:
         self,
         token_ids: Sequence[int],
         start: int,
-        block_table: Sequence[int],
+        block_table: Sequence[int] | np.ndarray,
         pending_row: int | None = None,
         sample: SampleSpec | None = None,
     ) -> None:
@@ -127,30 +151,23 @@ class StepBatch:
         self.tables.append(block_table)
         if sample is not None:
             if sample.params.has_penalties:
-                self.penalties.add(len(self.seeds), sample, pending_row)
+                self.penalties.add(len(self.offsets), sample, pending_row)
             self._add_sample(sample)
 
     def _add_sample(self, sample: SampleSpec) -> None:
-        p = sample.params
-        row = len(self.seeds)
+        row = sample.row or sampling_row(sample.params, sample.seed)
         self.sampled_seqs.append(len(self.q_lens) - 1)
-        # Values as the float32/int64 tensors can hold them: tiny temperatures are greedy (0),
-        # huge ones are capped below float32's overflow (still uniform in effect), and seeds
-        # of 2**63 or more wrap to the negative int64 with the same 64 bits.
-        greedy = p.is_greedy
-        self.temperatures.append(0.0 if greedy else min(p.temperature, _FLOAT32_MAX))
-        self.top_ps.append(p.top_p)
-        self.min_ps.append(p.min_p)
-        self.top_ks.append(p.top_k)
-        seed = sample.seed
-        self.seeds.append(seed if seed < _INT64_LIMIT else seed - 2 * _INT64_LIMIT)
+        if sample.banned_token_ids:
+            index = len(self.offsets)
+            self.banned.extend((index, t) for t in sample.banned_token_ids)
+        self.sample_floats.append(row.floats)
+        self.sample_ints.append(row.ints)
         self.offsets.append(sample.offset)
-        self.banned.extend((row, t) for t in sample.banned_token_ids)
-        self.all_greedy = self.all_greedy and greedy
-        self.any_top_k_top_p = self.any_top_k_top_p or p.top_k > 0 or p.top_p < 1.0
-        self.any_min_p = self.any_min_p or p.min_p > 0.0
-        if p.logprobs is not None:
-            self.num_logprobs = max(self.num_logprobs, p.logprobs)
+
+    @property
+    def num_sampled(self) -> int:
+        """Sequences that draw a token this step."""
+        return len(self.offsets)
 
 
 class _PenaltyLists:
@@ -222,6 +239,8 @@ class PreparedStep(NamedTuple):
     pending_src: torch.Tensor | None
     """...and the rows of those tokens."""
     sampling: SamplingTensors
+    num_steps: int = 1
+    """Decode steps this launch runs (see `next_decode_step`)."""
 
 
 class PinnedStaging:
@@ -280,6 +299,7 @@ class StepMeta(NamedTuple):
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
+    num_steps: int = 1
 
 
 class HostStep(NamedTuple):
@@ -318,6 +338,10 @@ def pack_step(batch: StepBatch, block_size: int) -> HostStep:
     np.cumsum(q_lens, out=cu_q[1:])
     tables = _block_tables(batch.tables)
     positions, slots = _positions_and_slots(cu_q, seq_lens, tables, block_size)
+    # [3, S]: temperature, top-p, min-p; [3, S]: top-k, seed, logprobs.
+    floats = np.array(batch.sample_floats, np.float32).reshape(-1, 3).T
+    top_k, seeds, logprobs = np.array(batch.sample_ints, np.int64).reshape(-1, 3).T
+    banned = np.array(batch.banned, np.int64).reshape(-1, 2).T
     ints = {
         "input_ids": np.array(batch.tokens, np.int64),
         "positions": positions,
@@ -325,32 +349,29 @@ def pack_step(batch: StepBatch, block_size: int) -> HostStep:
         "logits_indices": cu_q[1:][batch.sampled_seqs] - 1,
         "pending_dst": np.array(batch.pending_dst, np.int64),
         "pending_src": np.array(batch.pending_src, np.int64),
-        "top_k": np.array(batch.top_ks, np.int64),
-        "seeds": np.array(batch.seeds, np.int64),
+        "top_k": top_k,
+        "seeds": seeds,
         "offsets": np.array(batch.offsets, np.int64),
-        "banned_rows": np.array([r for r, _ in batch.banned], np.int64),
-        "banned_tokens": np.array([t for _, t in batch.banned], np.int64),
+        "banned_rows": banned[0],
+        "banned_tokens": banned[1],
     }
     int32s = {"cu_q": cu_q.astype(np.int32), "seq_lens": seq_lens.astype(np.int32),
               "tables": tables.ravel()}  # fmt: skip
-    float_rows: list[Sequence[float] | np.ndarray] = [
-        batch.temperatures,
-        batch.top_ps,
-        batch.min_ps,
-    ]
+    float_rows: list[Sequence[float] | np.ndarray] = list(floats)
     if batch.penalties.rows:  # steps without penalties build and send nothing for them
         ints.update(_prefixed("penalty_", batch.penalties.int_arrays()))
-        float_rows.extend(batch.penalties.float_rows(len(batch.seeds)))
+        float_rows.extend(batch.penalties.float_rows(batch.num_sampled))
     meta = StepMeta(
         num_seqs=len(q_lens),
         table_width=tables.shape[1],
         max_seqlen_q=int(q_lens.max()),
         max_seqlen_k=int(seq_lens.max()),
         num_decode_seqs=_leading_decodes(q_lens),
-        num_logprobs=batch.num_logprobs,
-        all_greedy=batch.all_greedy,
-        any_top_k_top_p=batch.any_top_k_top_p,
-        any_min_p=batch.any_min_p,
+        num_logprobs=int(logprobs.max(initial=-1)),
+        all_greedy=not (floats[0] > 0.0).any(),
+        any_top_k_top_p=bool((top_k > 0).any() or (floats[1] < 1.0).any()),
+        any_min_p=bool((floats[2] > 0.0).any()),
+        num_steps=batch.num_steps,
     )
     return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
                     _pack_rows(float_rows), meta)  # fmt: skip
@@ -389,19 +410,45 @@ def device_step(
         pending_dst=views["pending_dst"] if pending else None,
         pending_src=views["pending_src"] if pending else None,
         sampling=_sampling(meta, views, f32),
+        num_steps=meta.num_steps,
     )
 
 
-def _block_tables(rows: list[Sequence[int]]) -> np.ndarray:
-    """[B, W] int32, zero-padded, filled in one vectorised scatter; W is the longest row
-    rounded up to 16, so the row stride (which kernels specialise on) rarely changes."""
+def next_decode_step(prepared: PreparedStep, drawn: torch.Tensor, block_size: int) -> PreparedStep:
+    """The next step of a decode run, on the device: each sequence computes the token it
+    just drew (`drawn`, one per row), one position further, into the slot its block table
+    gives; it draws output number offset + 1. (A run never crosses a block it does not hold,
+    min_tokens or a penalty: the bans carry over and there are no penalty counts to extend.)
+    """
+    ctx = prepared.ctx
+    positions = ctx.positions + 1
+    blocks = ctx.block_tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
+    ctx = dataclasses.replace(
+        ctx,
+        positions=positions,
+        slot_mapping=blocks.long() * block_size + positions % block_size,
+        seq_lens_k=ctx.seq_lens_k + 1,
+        max_seqlen_k=ctx.max_seqlen_k + 1,
+    )
+    ctx = dataclasses.replace(ctx, attn_metadata=ctx.attn_backend.build_metadata(ctx))
+    sampling = prepared.sampling._replace(offsets=prepared.sampling.offsets + 1)
+    return prepared._replace(ctx=ctx, input_ids=drawn, pending_dst=None, pending_src=None,
+                             sampling=sampling)  # fmt: skip
+
+
+def _block_tables(rows: list[Sequence[int] | np.ndarray]) -> np.ndarray:
+    """[B, W] int32, zero-padded, filled in one vectorised masked store; W is the longest
+    row rounded up to 16, so the row stride (which kernels specialise on) rarely changes.
+    Rows that are int32 arrays already (a request's memoised table) are joined in C."""
     lens = np.fromiter(map(len, rows), np.int64, len(rows))
-    total = int(lens.sum())
-    flat = np.fromiter(chain.from_iterable(rows), np.int32, total)
-    tables = np.zeros((len(rows), _round_up(int(lens.max(initial=1)), 16)), np.int32)
-    row_of = np.repeat(np.arange(len(rows)), lens)
-    col_of = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-    tables[row_of, col_of] = flat
+    if rows and isinstance(rows[0], np.ndarray):
+        flat = np.concatenate(rows).astype(np.int32, copy=False)
+    else:
+        flat = np.fromiter(chain.from_iterable(rows), np.int32, int(lens.sum()))
+    width = _round_up(int(lens.max(initial=1)), 16)
+    tables = np.zeros((len(rows), width), np.int32)
+    # Row-major order of the mask is the order of `flat`: row after row, left to right.
+    tables[np.arange(width) < lens[:, None]] = flat
     return tables
 
 

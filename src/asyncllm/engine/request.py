@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from asyncllm.tokenizer import IncrementalDetokenizer
 
 __all__ = ["Request", "RequestStatus"]
+
+
+_NO_BLOCKS = np.empty(0, np.int32)
 
 
 class RequestStatus(enum.Enum):
@@ -79,9 +82,11 @@ class Request:
     sample_step: int = -1
 
     pieces: list[str] = field(default_factory=list)
-    """Streamable text of each generated token. Outputs are kept as plain ints and strs (not
-    one object per token): objects the garbage collector tracks, accumulating by the hundred
-    thousand, would trigger full collections that stall the event loop for 100s of ms."""
+    """Streamable text of each generated token decoded so far (all of them with stop strings;
+    without, tokens are decoded when their text is read: see `decodes_lazily`). Outputs are
+    kept as plain ints and strs (not one object per token): objects the garbage collector
+    tracks, accumulating by the hundred thousand, would trigger full collections that stall
+    the event loop for 100s of ms."""
     token_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     """Per generated token, only when the request asked for logprobs."""
     finish_reason: FinishReason | None = None
@@ -90,12 +95,21 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     waiter: Any = None
     """What a reader waits on for new outputs (set by the engine, then dropped)."""
+    wakes_at_end: bool = False
+    """The reader waiting on `waiter` wants only the request's end (`generate`,
+    `generate_many`): the engine does not wake it for tokens."""
     _held: str = ""
     """Decoded text not streamed yet: it could still be the start of a stop string."""
+    _flush_at_end: bool = False
+    """A stop rule ended the request: its last piece takes what the detokenizer held back."""
     _stop_ids: frozenset[int] = frozenset()
     _banned: tuple[int, ...] = ()
     _distinct_prompt_ids: np.ndarray | None = None
     _output_array: np.ndarray | None = None
+    _block_array: np.ndarray = field(default_factory=lambda: _NO_BLOCKS)
+    sampling_row: Any = None
+    """What the step builder memoises of `params` and `seed` (`asyncllm.engine.inputs.
+    SamplingRow`), so that it is worked out once, not every step."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -134,6 +148,21 @@ class Request:
     def all_choices_finished(self) -> bool:
         return self.is_finished and all(s.is_finished for s in self.siblings)
 
+    def block_array(self) -> np.ndarray:
+        """`block_ids` as int32, memoised: blocks are only ever appended, until `drop_blocks`
+        gives them all back."""
+        known = self._block_array
+        if len(known) != len(self.block_ids):
+            new = np.array(self.block_ids[len(known) :], np.int32)
+            self._block_array = known = np.concatenate((known, new)) if len(known) else new
+        return known
+
+    def drop_blocks(self) -> None:
+        """Forget every KV block (the block manager took them back)."""
+        self.block_ids.clear()
+        self.num_registered_blocks = 0
+        self._block_array = _NO_BLOCKS
+
     def distinct_prompt_array(self) -> np.ndarray:
         """The prompt's distinct token ids (what a repetition penalty needs), memoised."""
         if self._distinct_prompt_ids is None:
@@ -156,6 +185,12 @@ class Request:
         """The generated tokens (a copy)."""
         return self.token_ids[len(self.prompt_token_ids) :]
 
+    @property
+    def decodes_lazily(self) -> bool:
+        """Whether tokens are decoded to text only when it is read (`append_tokens`), not as
+        they come: only stop strings need the text at once."""
+        return not self.params.stop
+
     def banned_token_ids(self, num_generated: int) -> tuple[int, ...]:
         """Ids the sampler must not draw as output number `num_generated`: stop tokens while
         under min_tokens."""
@@ -163,12 +198,59 @@ class Request:
 
     # ---- outputs --------------------------------------------------------------------------
 
+    def append_tokens(
+        self, tokens: list[int], logprobs: list[TokenLogprobs | None] | None, now: float
+    ) -> None:
+        """Record tokens drawn one after another (a request that `decodes_lazily`): the stop
+        tokens and the token limit end it (dropping what comes after), as `append_token`
+        would one at a time; their text is decoded when it is read."""
+        generated = len(self.token_ids) - len(self.prompt_token_ids)
+        count, reason = len(tokens), cast("FinishReason | None", None)
+        room = self.max_tokens - generated
+        if count >= room:
+            count, reason = room, "length"
+        stop_ids = self._stop_ids
+        if stop_ids and not stop_ids.isdisjoint(tokens):
+            # Output number generated + j + 1 may stop from min_tokens on.
+            for j in range(max(0, self.params.min_tokens - generated - 1), count):
+                if tokens[j] in stop_ids:
+                    count, reason = j + 1, "stop"
+                    break
+        self.token_ids.extend(tokens if count == len(tokens) else tokens[:count])
+        self.token_times.extend([now] * count)
+        top_n = self.params.logprobs
+        if top_n is not None:
+            assert logprobs is not None, "a request asking for logprobs got none"
+            self.token_logprobs.extend(
+                None if lp is None else TokenLogprobs(lp.logprob, lp.top[:top_n])
+                for lp in logprobs[:count]
+            )
+        if reason is not None:
+            self.finish_reason = reason
+            self._flush_at_end = True
+
+    def _decode_pending(self) -> None:
+        """Decode the text of tokens `append_tokens` recorded and nobody has read yet."""
+        start, end = len(self.pieces), len(self.token_ids) - len(self.prompt_token_ids)
+        if start == end:
+            return
+        first, push = (
+            len(self.prompt_token_ids),
+            self.detokenizer.push if self.detokenizer else None,
+        )
+        outputs = self.token_ids[first + start : first + end]
+        self.pieces.extend(map(push, outputs) if push else [""] * len(outputs))
+        if self._flush_at_end and self.detokenizer is not None:
+            self.pieces[-1] += self.detokenizer.flush(self.token_ids[first:])
+
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> None:
         """Record a sampled token, decode its text, and finish the request if a rule says so.
 
         The token's `StreamToken.text` is what may be streamed now: with stop strings, the
         last (longest stop - 1) characters wait until they cannot start a match any more.
         """
+        if len(self.pieces) < len(self.token_ids) - len(self.prompt_token_ids):
+            self._decode_pending()  # after `append_tokens`: the pieces must stay aligned
         self.token_ids.append(token_id)
         self.token_times.append(now)
         generated = len(self.token_ids) - len(self.prompt_token_ids)
@@ -200,10 +282,14 @@ class Request:
     @property
     def num_streamable(self) -> int:
         """Generated tokens whose `StreamToken` can be read."""
+        if self.decodes_lazily:
+            return len(self.token_ids) - len(self.prompt_token_ids)
         return len(self.pieces)
 
     def stream_token(self, index: int) -> StreamToken:
         """The `StreamToken` of generated token `index` (built on demand)."""
+        if index >= len(self.pieces):
+            self._decode_pending()
         last = index == len(self.pieces) - 1
         return StreamToken(
             token_id=self.token_ids[len(self.prompt_token_ids) + index],
@@ -217,6 +303,7 @@ class Request:
     @property
     def text(self) -> str:
         """The output text so far: exactly what has been streamed."""
+        self._decode_pending()
         return "".join(self.pieces)
 
     def finish(self, reason: FinishReason) -> None:

@@ -33,6 +33,7 @@ from asyncllm.engine.inputs import (
     SeqStep,
     StepBatch,
     device_step,
+    next_decode_step,
     pack_step,
 )
 from asyncllm.engine.memory import allocation_errors, require_fits
@@ -68,7 +69,8 @@ _CLOSE_TIMEOUT_S = 60.0  # a closing runner waits this long for launched steps t
 
 
 class StepResult(NamedTuple):
-    """Tokens drawn in one step, in the order of the steps that asked to sample."""
+    """Tokens drawn in one step, in the order of the sequences that asked to sample (a
+    decode run's: the first step's tokens, then the second's, ...)."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
@@ -78,7 +80,8 @@ class LaunchedStep(NamedTuple):
     """A step enqueued on the device; `collect` reads it back."""
 
     token_ids: torch.Tensor
-    """Drawn tokens, on the device: the next step's pending inputs come from here."""
+    """Drawn tokens, on the device: the next step's pending inputs come from here (a decode
+    run's last step's)."""
     host: SamplerOutput | None
     """Host copies of the sampler's output (complete once `done` has fired); None on ranks
     other than 0, which do not sample."""
@@ -107,7 +110,8 @@ class ModelRunner:
         # Sized for the largest step, so pinned memory is allocated once, not mid-run.
         self.staging = PinnedStaging(self.device, slot_bytes=1 << 20) if cuda else None
         # More buffers than steps in flight: one is reused only after its step was collected.
-        self._host_tokens = [_pinned_tokens(config.max_num_seqs) for _ in range(6)] if cuda else []
+        rows = config.max_num_seqs * config.num_decode_steps  # a run's tokens, step by step
+        self._host_tokens = [_pinned_tokens(rows) for _ in range(6)] if cuda else []
         self._next_host = 0
         self.workers: WorkerPool | None = None
         """On rank 0 of a tensor-parallel group: the other ranks, attached once all are ready
@@ -331,7 +335,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, prepared: PreparedStep, previous: LaunchedStep | None) -> LaunchedStep:
-        """Enqueue the forward pass and sampling; returns without waiting on the device.
+        """Enqueue the forward pass and sampling (of every step of a decode run); returns
+        without waiting on the device.
 
         `previous` is the step launched just before, whose drawn tokens feed this step's
         pending inputs.
@@ -342,18 +347,34 @@ class ModelRunner:
                 assert previous is not None, "a pending token needs the step that drew it"
                 input_ids[prepared.pending_dst] = previous.token_ids[prepared.pending_src]
                 _fill_pending_outputs(prepared, previous)
-            logits = self._logits(prepared, input_ids)
-            if not self.tp.is_driver:
-                return LaunchedStep(self._receive_tokens(prepared), None, None)
-            out = self.sampler(logits, prepared.sampling)
-            if self.tp.is_parallel and out.token_ids.numel():
-                self.tp.broadcast(out.token_ids)  # every rank's next pending inputs
+            outs: list[SamplerOutput] = []
+            tokens = self._forward_and_sample(prepared, input_ids, outs)
+            for _ in range(1, prepared.num_steps):
+                prepared = next_decode_step(prepared, tokens, self.block_size)
+                tokens = self._forward_and_sample(prepared, prepared.input_ids, outs)
+            if not outs:  # a rank other than 0: it never samples
+                return LaunchedStep(tokens, None, None)
+            out = outs[0] if len(outs) == 1 else _concat_outputs(outs)
             if self.stream is None:
-                return LaunchedStep(out.token_ids, out, None)
+                return LaunchedStep(tokens, out, None)
             host = self._to_host(out)
             done = _new_event()
             done.record(self.stream)
-            return LaunchedStep(out.token_ids, host, done)
+            return LaunchedStep(tokens, host, done)
+
+    def _forward_and_sample(
+        self, prepared: PreparedStep, input_ids: torch.Tensor, outs: list[SamplerOutput]
+    ) -> torch.Tensor:
+        """One forward pass; the tokens it draws (on rank 0, whose output joins `outs`, and
+        which broadcasts them to the other ranks, whose next inputs they are)."""
+        logits = self._logits(prepared, input_ids)
+        if not self.tp.is_driver:
+            return self._receive_tokens(prepared)
+        out: SamplerOutput = self.sampler(logits, prepared.sampling)
+        if self.tp.is_parallel and out.token_ids.numel():
+            self.tp.broadcast(out.token_ids)  # every rank's next pending inputs
+        outs.append(out)
+        return out.token_ids
 
     def _to_host(self, out: SamplerOutput) -> SamplerOutput:
         """Start copying the sampler's output to pinned host memory (tokens through a ring of
@@ -450,6 +471,13 @@ def _to_host(tensor: torch.Tensor | None) -> Any:
         return None
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
+
+
+def _concat_outputs(outs: list[SamplerOutput]) -> SamplerOutput:
+    """A decode run's outputs as one, step after step."""
+    if outs[0].logprobs is None:
+        return SamplerOutput(torch.cat([o.token_ids for o in outs]), None, None, None)
+    return SamplerOutput(*(torch.cat(parts) for parts in zip(*outs)))
 
 
 def _to_result(out: SamplerOutput) -> StepResult:

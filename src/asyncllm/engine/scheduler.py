@@ -9,6 +9,10 @@ preempted: its blocks are freed and it is recomputed later.
 With overlapped execution a step is scheduled before the previous one's tokens are known: a
 request that will sample in a launched step counts that token as *pending*; the next step
 may already decode it (the runner feeds it from the device).
+
+Multi-step decode (`num_decode_steps` > 1): when every running request decodes and nobody
+can join, one step may cover several decode steps (a *run*): each request gets blocks for
+all of them up front, and counts every token of the run as pending.
 """
 
 from __future__ import annotations
@@ -26,21 +30,31 @@ __all__ = ["ScheduledStep", "Scheduler"]
 
 class ScheduledStep(NamedTuple):
     """The work of one step: `num_tokens[i]` new tokens of `requests[i]`, decodes first;
-    `samples[i]` says whether requests[i] reaches its last token and so draws a new one."""
+    `samples[i]` says whether requests[i] reaches its last token and so draws a new one.
+    With `num_steps` > 1 every request decodes (one token, sampling) that many times in a
+    row, each step feeding the token it drew to the next."""
 
     step_id: int
     requests: list[Request]
     num_tokens: list[int]
     samples: list[bool]
+    num_steps: int = 1
 
 
 class Scheduler:
     """FCFS admission, chunked prefill, mixed prefill+decode steps, recompute preemption."""
 
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        num_decode_steps: int = 1,
+    ) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_decode_steps = num_decode_steps
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -75,6 +89,10 @@ class Scheduler:
             remaining = _remaining(req)
             if remaining:
                 (decodes if remaining == 1 else prefills).append((req, remaining))
+        if self.num_decode_steps > 1 and not prefills and decodes:
+            run = self._run_length(decodes)
+            if run > 1:
+                return self._schedule_run(step_id, [req for req, _ in decodes], run)
         # Decodes before prefill chunks, so a long prompt being prefilled cannot starve them.
         for req, remaining in chain(decodes, prefills):
             if req.status is RequestStatus.RUNNING:  # else preempted earlier in this step
@@ -94,6 +112,30 @@ class Scheduler:
         if not preempted:
             self._admit(picked, self.max_num_batched_tokens - used)
         return self._finalize(step_id, picked)
+
+    def _run_length(self, decodes: list[tuple[Request, int]]) -> int:
+        """How many decode steps the next step can run at once (1: an ordinary step)."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return 1  # someone may join: keep steps short
+        steps = self.num_decode_steps
+        needed, size = 0, self.blocks.block_size
+        for req, _ in decodes:
+            steps = min(steps, _run_limit(req))
+            if steps <= 1:
+                return 1
+        for req, _ in decodes:
+            needed += -(-(req.num_computed_tokens + steps) // size) - len(req.block_ids)
+        return steps if needed <= self.blocks.num_unused_blocks else 1
+
+    def _schedule_run(self, step_id: int, reqs: list[Request], steps: int) -> ScheduledStep:
+        for req in reqs:
+            allocated = self.blocks.allocate(req, steps)
+            assert allocated, "a run's blocks were counted before"
+            req.num_computed_tokens += steps
+            req.num_pending_tokens += steps
+            req.last_step_id = step_id
+        ones = [1] * len(reqs)
+        return ScheduledStep(step_id, reqs, ones, [True] * len(reqs), steps)
 
     def _admit(self, picked: dict[Request, int], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -146,6 +188,18 @@ class Scheduler:
             full = min(req.num_computed_tokens, len(req.token_ids)) // size
             if full > req.num_registered_blocks and req.status is RequestStatus.RUNNING:
                 self.blocks.register_full_blocks(req)
+
+
+def _run_limit(req: Request) -> int:
+    """Decode steps `req` can run back to back from here: up to its token limit, and not
+    across min_tokens (its banned tokens change there) nor with penalties (each step's
+    counts would need the tokens drawn before it in the run)."""
+    if req.params.has_penalties:
+        return 1
+    drawn = req.num_output_tokens + req.num_pending_tokens  # index of the next token drawn
+    left = req.max_tokens - drawn
+    min_tokens = req.params.min_tokens
+    return min(left, min_tokens - drawn) if drawn < min_tokens else left
 
 
 def _remaining(req: Request) -> int:

@@ -74,17 +74,18 @@ class RequestStream:
         self._cursor += 1
         return token
 
-    async def _wait(self) -> None:
-        """Wait until any choice makes progress (a token, its end, or a failure)."""
+    async def _wait(self, at_end: bool = False) -> None:
+        """Wait until any choice makes progress (a token, its end, or a failure); with
+        `at_end`, until a choice ends or fails (new tokens do not wake it)."""
         if self._waiting:  # checked before taking the waiter: the first reader keeps its wake-up
             raise StreamInUseError(
                 f"the stream of request {self._request.request_id} is already being read by "
                 "another task; a RequestStream has one reader at a time"
             )
         # One waiter for every choice: whichever gets a token (or fails) wakes the reader.
-        waiter = self._request.waiter = self._engine._lifecycle.new_waiter()
-        for req in self._others:
-            req.waiter = waiter
+        waiter = self._engine._lifecycle.new_waiter()
+        for req in self._request.choices:
+            req.waiter, req.wakes_at_end = waiter, at_end
         self._waiting = True
         try:
             await waiter
@@ -135,6 +136,18 @@ class RequestStream:
                 chunk.append(self._request.stream_token(self._cursor))
                 self._cursor += 1
             yield chunk
+
+    async def finished(self) -> None:
+        """Wait until every choice has ended (its tokens stay readable); cheaper than reading
+        them as they come, as the engine has no reader to wake for each step.
+
+        Example:
+            >>> async with engine.stream(prompt) as stream:  # doctest: +SKIP
+            ...     await stream.finished()
+            ...     print(stream.output().text)
+        """
+        while not self._request.all_choices_finished:
+            await self._wait(at_end=True)
 
     def output(self) -> RequestOutput:
         """The final `RequestOutput` (every choice); raises `EngineError` if the request
