@@ -19,6 +19,7 @@ import pytest
 
 from asyncllm import LLM, SamplingParams
 from asyncllm.cli import build_parser
+from asyncllm.server.serve import SERVE_DECODE_STEPS, serving_overrides
 from tests.models import assert_reads_as_a_story
 from tests.servers import free_port, iter_sse, with_chat_template
 
@@ -112,6 +113,12 @@ def stop(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is None:
         server.kill()
         server.wait()
+
+
+def test_serve_runs_four_decode_steps_a_launch_unless_told_otherwise() -> None:
+    assert serving_overrides({})["num_decode_steps"] == SERVE_DECODE_STEPS == 4
+    given = {"num_decode_steps": 1, "max_num_seqs": 8}
+    assert serving_overrides(given) == given
 
 
 def test_serve_takes_its_key_from_the_environment_and_drains_on_sigterm() -> None:
