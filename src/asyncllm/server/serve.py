@@ -17,9 +17,9 @@ API_KEY_ENV = "ASYNCLLM_API_KEY"
 
 SERVE_DECODE_STEPS = 4
 """`asyncllm serve`'s `num_decode_steps` unless given: the engine shares the server's one
-thread, and four steps a launch quarter its host work. Streams lose nothing they had: under
-load the server's event pacing already sends several tokens an event. On the H200, 256
-streams: HTTP at 90.2% of in-process with it, 87.9% without (docs/benchmarks.md)."""
+thread, and four steps a launch quarter its host work. The price: a stream's tokens come up
+to four at a time (under load the event pacing sends several an event anyway). On the
+H200, 256 streams: HTTP at 90.2% of in-process with it, 87.9% without (docs/benchmarks.md)."""
 
 logger = logging.getLogger("asyncllm.server")
 
