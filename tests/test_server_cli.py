@@ -251,12 +251,17 @@ def test_a_turn_that_does_not_fit_is_refused_and_the_chat_goes_on(chat_dir: Path
 
 
 def test_ctrl_c_stops_one_reply_and_ctrl_d_quits(chat_dir: Path) -> None:
-    process = chat(chat_dir, "--max-tokens", "300")
+    # A reply far longer than the test needs to see it start (the pipe may run ahead of a
+    # busy machine's reader), read in whole chunks as they come.
+    process = chat(chat_dir, "--max-tokens", "400")
     assert process.stdin is not None and process.stdout is not None
     output: list[str] = []
+    stdout = process.stdout.fileno()
     reader = threading.Thread(
-        target=lambda: output.extend(iter(lambda: process.stdout.read(1), ""))
-    )  # type: ignore[union-attr]
+        target=lambda: output.extend(
+            chunk.decode(errors="replace") for chunk in iter(lambda: os.read(stdout, 4096), b"")
+        )
+    )
     reader.start()
     process.stdin.write("Tell me a very long story\n")
     process.stdin.flush()
