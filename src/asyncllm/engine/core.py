@@ -23,6 +23,7 @@ import xxhash
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.inputs import sampling_row
+from asyncllm.engine.persistent_batch import PersistentBatch
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
@@ -116,6 +117,7 @@ class EngineCore:
         self.blocks = BlockManager(
             self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
+        self.persistent = PersistentBatch(self.config.max_num_seqs, self.config.block_size)
         self.scheduler = Scheduler(
             self.blocks,
             self.config.max_num_seqs,
@@ -251,7 +253,13 @@ class EngineCore:
     def prepare(self, step: ScheduledStep) -> PreparedStep:
         """Turn a scheduled step into device inputs."""
         assert self.runner is not None, "prepare() before load()"
-        return self.runner.prepare(self._batch(step))
+        host = None
+        if step.num_tokens.count(1) == len(step.num_tokens) and all(step.samples):
+            # A decode step (the steady state): packed from the persistent batch's slots.
+            host = self.persistent.pack(step.requests, step.num_steps, step.step_id)
+        if host is None:
+            return self.runner.prepare(self._batch(step))
+        return self.runner.prepare_packed(host)
 
     def _batch(self, step: ScheduledStep) -> StepBatch:
         run, step_id = step.num_steps, step.step_id

@@ -80,6 +80,11 @@ class Request:
     sample_row: int = -1
     """This request's row among the tokens drawn by step `sample_step`."""
     sample_step: int = -1
+    batch_slot: int = -1
+    """Its slot in the engine's persistent batch (-1: none; see `engine.persistent_batch`)."""
+    blocks_epoch: int = 0
+    """How many times the request gave its blocks back (`drop_blocks`): a persistent-batch
+    row copied from an earlier epoch is stale."""
 
     pieces: list[str] = field(default_factory=list)
     """Streamable text of each generated token decoded so far (all of them with stop strings;
@@ -161,6 +166,7 @@ class Request:
         """Forget every KV block (the block manager took them back)."""
         self.block_ids.clear()
         self.num_registered_blocks = 0
+        self.blocks_epoch += 1
         self._block_array = _NO_BLOCKS
 
     def distinct_prompt_array(self) -> np.ndarray:
