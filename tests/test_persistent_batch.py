@@ -5,6 +5,8 @@ scheduling and multi-step runs; and its slots never hand a request another's sta
 
 from __future__ import annotations
 
+import random
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +18,12 @@ import pytest
 import torch
 
 from asyncllm import AsyncEngine, SamplingParams
+from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.inputs import HostStep, _unpack, pack_step
 from asyncllm.engine.persistent_batch import PersistentBatch
 from asyncllm.engine.request import Request
-from asyncllm.engine.scheduler import ScheduledStep
+from asyncllm.engine.scheduler import ScheduledStep, Scheduler
 from tests.models import all_blocks_unused, random_prompts
 
 VOCAB = 384  # the random model's
@@ -206,3 +209,76 @@ def test_a_penalised_request_leaves_the_step_to_the_general_path() -> None:
     plain = decoding(request("p", [5] * 3), [1])
     penalised = decoding(request("q", [6] * 3, presence_penalty=0.5), [2])
     assert batch.pack([plain, penalised], 1, 0) is None
+
+
+# ---- the scheduler's vectorised decode test -----------------------------------------------
+
+
+class World:
+    """A scheduler and its requests, driven by a script; `general` turns the vectorised
+    decode test off, so that every step takes the general loop."""
+
+    def __init__(self, general: bool, num_decode_steps: int) -> None:
+        self.blocks = BlockManager(num_blocks=20, block_size=BLOCK, enable_prefix_caching=True)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=5, max_num_batched_tokens=12,
+                                   num_decode_steps=num_decode_steps)  # fmt: skip
+        if general:
+            self.scheduler._schedule_decodes = lambda step_id: None  # type: ignore[method-assign]
+        self.requests: dict[str, Request] = {}
+        self.in_flight: deque[ScheduledStep] = deque()
+
+    def add(self, name: str, prompt: list[int], max_tokens: int) -> None:
+        req = Request(name, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, seed=0,
+                      eos_token_ids=frozenset(), detokenizer=None)  # fmt: skip
+        self.requests[name] = req
+        self.scheduler.add(req)
+
+    def launch(self, step_id: int) -> tuple[Any, ...]:
+        step = self.scheduler.schedule(step_id)
+        if step.requests:
+            self.in_flight.append(step)
+        names = [r.request_id for r in step.requests]
+        return names, step.num_tokens, step.samples, step.num_steps
+
+    def complete(self, token: int) -> None:
+        step = self.in_flight.popleft()
+        for req, samples in zip(step.requests, step.samples):
+            if samples:
+                tokens = [token] * step.num_steps
+                req.num_pending_tokens -= len(tokens)
+                if not req.is_finished:
+                    req.append_tokens(tokens, None, 0.0)
+        self.scheduler.after_step(step)
+        for req in list(self.scheduler.running):
+            if req.is_finished and not any(req in s.requests for s in self.in_flight):
+                self.scheduler.remove(req)
+
+    def state(self) -> tuple[Any, ...]:
+        reqs = sorted(self.requests.values(), key=lambda r: r.request_id)
+        held = [(r.block_ids, r.num_computed_tokens, r.num_pending_tokens, r.status) for r in reqs]
+        return held, self.blocks.num_free_blocks, self.scheduler.num_preemptions
+
+
+@pytest.mark.parametrize(("in_flight", "num_decode_steps"), [(1, 1), (2, 1), (2, 4)])
+def test_vectorised_decode_scheduling_picks_what_the_general_loop_picks(
+    in_flight: int, num_decode_steps: int
+) -> None:
+    """Arrivals, decodes crossing block boundaries, a pool that runs dry (preemption),
+    finishes; both worlds must schedule the same work and hold the same blocks."""
+    rng = random.Random(5)
+    worlds = [World(general, num_decode_steps) for general in (True, False)]
+    for step_id in range(300):
+        if rng.random() < 0.15:
+            prompt = [rng.randrange(8) for _ in range(rng.randint(1, 14))]
+            max_tokens = rng.randint(1, 30)
+            for world in worlds:
+                world.add(f"r{step_id:03d}", prompt, max_tokens)
+        picked = [world.launch(step_id) for world in worlds]
+        assert picked[0] == picked[1]
+        if len(worlds[0].in_flight) >= in_flight or not picked[0][0]:
+            token = rng.randrange(8)
+            for world in worlds:
+                if world.in_flight:
+                    world.complete(token)
+        assert worlds[0].state() == worlds[1].state()
+    assert worlds[1].scheduler.num_preemptions > 0

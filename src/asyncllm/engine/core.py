@@ -310,19 +310,16 @@ class EngineCore:
     def apply(self, drawn: Drawn, now: float) -> bool:
         """Give a request the tokens its step drew (as many as its stop rules and limit let
         it keep); False when it had ended meanwhile."""
+        # Runs for every request every step: attributes read directly, no helper calls.
         req, tokens = drawn.request, drawn.token_ids
         req.num_pending_tokens -= len(tokens)
-        if req.is_finished:  # aborted or stopped while the step ran
+        if req.finish_reason is not None:  # aborted or stopped while the step ran
             return False
-        self._append(req, drawn, now)
-        return True
-
-    def _append(self, req: Request, drawn: Drawn, now: float) -> None:
         before = len(req.token_ids)
-        if req.decodes_lazily:
-            req.append_tokens(drawn.token_ids, drawn.logprobs, now)
+        if not req.params.stop:  # `req.decodes_lazily`
+            req.append_tokens(tokens, drawn.logprobs, now)
         else:
-            for token_id, logprobs in zip(drawn.token_ids, drawn.logprobs):
+            for token_id, logprobs in zip(tokens, drawn.logprobs):
                 req.append_token(token_id, logprobs, now)
                 if req.is_finished:
                     break  # a run's tokens after the stop are dropped
@@ -330,6 +327,7 @@ class EngineCore:
         self.generated_tokens += len(req.token_ids) - before
         if req.is_finished:
             self._release_when_idle(req)
+        return True
 
     def end_step(self, step: ScheduledStep) -> None:
         """Book-keeping once all of a step's tokens are applied."""

@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -211,7 +211,8 @@ class Request:
         tokens and the token limit end it (dropping what comes after), as `append_token`
         would one at a time; their text is decoded when it is read."""
         generated = len(self.token_ids) - len(self.prompt_token_ids)
-        count, reason = len(tokens), cast("FinishReason | None", None)
+        count = len(tokens)
+        reason: FinishReason | None = None
         room = self.max_tokens - generated
         if count >= room:
             count, reason = room, "length"
@@ -223,7 +224,10 @@ class Request:
                     count, reason = j + 1, "stop"
                     break
         self.token_ids.extend(tokens if count == len(tokens) else tokens[:count])
-        self.token_times.extend([now] * count)
+        if count == 1:
+            self.token_times.append(now)
+        else:
+            self.token_times.extend([now] * count)
         top_n = self.params.logprobs
         if top_n is not None:
             assert logprobs is not None, "a request asking for logprobs got none"
