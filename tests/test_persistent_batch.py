@@ -165,7 +165,7 @@ def test_a_slot_freed_by_a_leaver_carries_none_of_its_blocks() -> None:
     c = decoding(request("c", [7] * 2), [30])  # a left; c takes its slot
     host = batch.pack([b, c], 1, 1)
     assert host is not None
-    assert c.batch_slot == 0 and a.batch_slot == -1
+    assert batch.owners[0] is c and a.batch_slot == -1
     np.testing.assert_array_equal(tables_of(host)[:, :4], [[20, 0, 0, 0], [30, 0, 0, 0]])
 
 
@@ -282,3 +282,36 @@ def test_vectorised_decode_scheduling_picks_what_the_general_loop_picks(
                     world.complete(token)
         assert worlds[0].state() == worlds[1].state()
     assert worlds[1].scheduler.num_preemptions > 0
+
+
+# ---- processing a decode step's tokens ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("min_tokens", "max_tokens", "tokens"),
+    [
+        (0, 5, [3, 4, 5, 6, 8]),  # the limit
+        (0, 5, [3, 1, 5]),  # EOS
+        (2, 5, [1, 1, 1, 3]),  # EOS under min_tokens, then at it
+        (0, 3, [3, 4, 9]),  # a stop id as the last allowed token: "stop", not "length"
+        (3, 6, [9, 4, 9, 9]),  # a stop id before min_tokens is kept
+    ],
+)
+def test_appending_one_token_ends_a_request_as_appending_a_list_of_one_does(
+    min_tokens: int, max_tokens: int, tokens: list[int]
+) -> None:
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=[9])
+    ends = []
+    for one in (True, False):
+        req = Request("r", [5, 6], params, max_tokens, seed=0, eos_token_ids=frozenset({1}),
+                      detokenizer=None)  # fmt: skip
+        for token in tokens:
+            if req.is_finished:
+                break
+            if one:
+                req.append_one(token, 0.0)
+            else:
+                req.append_tokens([token], None, 0.0)
+        ends.append((req.output_token_ids, req.finish_reason, req._flush_at_end, req.token_times))
+    assert ends[0] == ends[1]
+    assert ends[0][1] is not None

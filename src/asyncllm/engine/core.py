@@ -315,9 +315,12 @@ class EngineCore:
         req.num_pending_tokens -= len(tokens)
         if req.finish_reason is not None:  # aborted or stopped while the step ran
             return False
-        before = len(req.token_ids)
-        if not req.params.stop:  # `req.decodes_lazily`
-            req.append_tokens(tokens, drawn.logprobs, now)
+        before, params = len(req.token_ids), req.params
+        if not params.stop:  # `req.decodes_lazily`
+            if len(tokens) == 1 and params.logprobs is None:
+                req.append_one(tokens[0], now)
+            else:
+                req.append_tokens(tokens, drawn.logprobs, now)
         else:
             for token_id, logprobs in zip(tokens, drawn.logprobs):
                 req.append_token(token_id, logprobs, now)

@@ -15,10 +15,11 @@ A step with a prefill chunk, or with a penalised request, is packed the general 
 (tested), so the device side (CUDA graphs, tensor-parallel workers) does not know which packed
 it.
 
-Slots are never released explicitly: a slot whose owner left the running set (finished,
-aborted, preempted) is taken back when a newcomer needs one, and a request whose blocks were
-dropped and taken again (preemption, then resume) has a new `blocks_epoch`, which rewrites its
-row. So a missed hook can cost a slot refill, never a stale row.
+A request names its slot by a key (`Request.batch_slot`): the slot's index plus a serial
+number, new each time a slot is handed out, so a key is never valid for two owners. Dropping
+its blocks (preemption) clears a request's key, so it is given a fresh, refilled slot when it
+decodes again. Slots are never released explicitly: a slot whose owner left the running set
+(finished, aborted, preempted) is taken back when a newcomer needs one and none is free.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from asyncllm.engine.request import Request
 __all__ = ["PersistentBatch"]
 
 _slot_of = attrgetter("batch_slot")
-_epoch_of = attrgetter("blocks_epoch")
 _computed_of = attrgetter("num_computed_tokens")
 _pending_of = attrgetter("num_pending_tokens")
 _tokens_of = attrgetter("token_ids")
@@ -50,8 +50,9 @@ class PersistentBatch:
     def __init__(self, num_slots: int, block_size: int) -> None:
         self.block_size = block_size
         self.owners: list[Request | None] = [None] * num_slots
-        self._owner_ids = np.full(num_slots, -1, np.int64)
-        self._epochs = np.zeros(num_slots, np.int64)
+        self._keys = np.full(num_slots, -1, np.int64)
+        """The key each slot's owner holds (-1: none)."""
+        self._serial = 0
         self._num_blocks = np.zeros(num_slots, np.int64)
         """Leading entries of each block-table row written (the rest are zero)."""
         self.tables = np.zeros((num_slots, _TABLE_WIDTH_STEP), np.int32)
@@ -118,11 +119,9 @@ class PersistentBatch:
 
     def _slots(self, requests: Sequence[Request]) -> np.ndarray:
         """Each request's slot, giving a slot (filled) to those that hold none of their own."""
-        n = len(requests)
-        slots = np.fromiter(map(_slot_of, requests), np.int64, n)
-        ids = np.fromiter(map(id, requests), np.int64, n)
-        # `owners` holds each slot's owner, so an owner's id cannot be reused by a new object.
-        mine = (slots >= 0) & (self._owner_ids[slots] == ids)
+        keys = np.fromiter(map(_slot_of, requests), np.int64, len(requests))
+        slots = keys % len(self.owners)
+        mine = (keys >= 0) & (self._keys[slots] == keys)
         for row in np.flatnonzero(~mine).tolist():
             slots[row] = self._assign(requests[row], requests)
         return slots
@@ -133,16 +132,17 @@ class PersistentBatch:
         slot = self._free.pop()
         old = int(self._num_blocks[slot])
         self.tables[slot, :old] = 0
-        self.owners[slot], self._owner_ids[slot] = req, id(req)
+        key = self._serial * len(self.owners) + slot
+        self._serial += 1
+        self.owners[slot], self._keys[slot] = req, key
         self._num_blocks[slot] = 0
-        self._epochs[slot] = req.blocks_epoch
         if req.sampling_row is None:
             req.sampling_row = sampling_row(req.params, req.seed)
         self._floats[slot], self._ints[slot] = req.sampling_row.floats, req.sampling_row.ints
         self._prompt_lens[slot] = req.num_prompt_tokens
         self._min_tokens[slot] = req.params.min_tokens
         self._penalised[slot] = req.params.has_penalties
-        req.batch_slot = slot
+        req.batch_slot = key
         return slot
 
     def _reclaim(self, step: Sequence[Request]) -> None:
@@ -150,28 +150,27 @@ class PersistentBatch:
         or do not decode now (they get a slot again, refilled, when they next do)."""
         in_step = {id(req) for req in step}
         for slot, owner in enumerate(self.owners):
-            if owner is not None and (id(owner) not in in_step or owner.batch_slot != slot):
+            if owner is not None and (
+                id(owner) not in in_step or owner.batch_slot != self._keys[slot]
+            ):
                 self._release(slot)
         assert self._free, "more decoding requests than slots"
 
     def _release(self, slot: int) -> None:
         owner = self.owners[slot]
-        if owner is not None and owner.batch_slot == slot:
+        if owner is not None and owner.batch_slot == self._keys[slot]:
             owner.batch_slot = -1
-        self.owners[slot], self._owner_ids[slot] = None, -1
+        self.owners[slot], self._keys[slot] = None, -1
         self._free.append(slot)
 
     # ---- block tables --------------------------------------------------------------------
 
     def _sync_tables(self, requests: Sequence[Request], slots: np.ndarray) -> None:
         """Write into the rows of `slots` the blocks their requests gained since the last
-        step (all of them for a row whose request dropped its blocks meanwhile)."""
-        n = len(requests)
-        num_blocks = np.fromiter(map(len, map(_blocks_of, requests)), np.int64, n)
-        epochs = np.fromiter(map(_epoch_of, requests), np.int64, n)
+        step (a request that dropped its blocks has a fresh slot: see `Request.drop_blocks`)."""
+        num_blocks = np.fromiter(map(len, map(_blocks_of, requests)), np.int64, len(requests))
         written = self._num_blocks[slots]
-        redo = epochs != self._epochs[slots]
-        changed = np.flatnonzero(redo | (num_blocks != written))
+        changed = np.flatnonzero(num_blocks != written)
         if not len(changed):
             return
         widest = int(num_blocks.max())
@@ -180,11 +179,11 @@ class PersistentBatch:
             self.tables = np.pad(self.tables, ((0, 0), (0, width - self.tables.shape[1])))
         for row in changed.tolist():
             slot, count = int(slots[row]), int(num_blocks[row])
-            start = 0 if redo[row] or count < written[row] else int(written[row])
-            if start == 0:
-                self.tables[slot, : int(written[row])] = 0
+            start = int(written[row])
+            if count < start:  # cannot happen while the key holds: rewrite rather than trust
+                self.tables[slot, :start], start = 0, 0
             self.tables[slot, start:count] = requests[row].block_ids[start:count]
-            self._num_blocks[slot], self._epochs[slot] = count, epochs[row]
+            self._num_blocks[slot] = count
 
     def _step_tables(self, slots: np.ndarray) -> np.ndarray:
         """The step's block tables: its rows, as wide as the longest rounded up to 16."""

@@ -81,10 +81,8 @@ class Request:
     """This request's row among the tokens drawn by step `sample_step`."""
     sample_step: int = -1
     batch_slot: int = -1
-    """Its slot in the engine's persistent batch (-1: none; see `engine.persistent_batch`)."""
-    blocks_epoch: int = 0
-    """How many times the request gave its blocks back (`drop_blocks`): a persistent-batch
-    row copied from an earlier epoch is stale."""
+    """The key of its slot in the engine's persistent batch (-1: none; see
+    `engine.persistent_batch`)."""
 
     pieces: list[str] = field(default_factory=list)
     """Streamable text of each generated token decoded so far (all of them with stop strings;
@@ -166,7 +164,7 @@ class Request:
         """Forget every KV block (the block manager took them back)."""
         self.block_ids.clear()
         self.num_registered_blocks = 0
-        self.blocks_epoch += 1
+        self.batch_slot = -1  # its persistent-batch row lists the blocks just dropped
         self._block_array = _NO_BLOCKS
 
     def distinct_prompt_array(self) -> np.ndarray:
@@ -238,6 +236,17 @@ class Request:
         if reason is not None:
             self.finish_reason = reason
             self._flush_at_end = True
+
+    def append_one(self, token_id: int, now: float) -> None:
+        """`append_tokens([token_id], None, now)` for a request without logprobs: the
+        common case of every decode step, kept to a few operations."""
+        self.token_ids.append(token_id)
+        self.token_times.append(now)
+        generated = len(self.token_ids) - len(self.prompt_token_ids)
+        if token_id in self._stop_ids and generated >= self.params.min_tokens:
+            self.finish_reason, self._flush_at_end = "stop", True
+        elif generated >= self.max_tokens:
+            self.finish_reason, self._flush_at_end = "length", True
 
     def _decode_pending(self) -> None:
         """Decode the text of tokens `append_tokens` recorded and nobody has read yet."""
