@@ -1,9 +1,10 @@
 """Test helpers: random checkpoints (Qwen3 and the other families) written by transformers
-itself, plus tokenizers."""
+itself, plus tokenizers; what a reply of the embedded model must look like."""
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ def random_prompts(
     """Prompts of random token ids with the given lengths (after an optional shared prefix)."""
     rng = random.Random(seed)
     return [(prefix or []) + [rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_reads_as_a_story(reply: str, prompt: str) -> None:
+    """`reply` is prose the embedded model wrote for `prompt`: words in sentences, no special
+    token spelled out, and not the prompt said back. Loose on purpose: any story passes."""
+    words = re.findall(r"[A-Za-z']+", reply)
+    assert len(words) >= 30, f"too few words for a story: {reply!r}"
+    letters = sum(map(len, words))
+    assert letters >= 0.7 * len("".join(reply.split())), f"not mostly words: {reply!r}"
+    assert len(re.findall(r"[a-z][.!?]", reply)) >= 3, f"no sentences: {reply!r}"
+    assert "<|" not in reply and "|>" not in reply, f"a special token leaked: {reply!r}"
+    assert reply.strip() and prompt.strip() not in reply, f"the prompt echoed: {reply!r}"
 
 
 def all_blocks_unused(stats: Any) -> bool:

@@ -1,5 +1,5 @@
-"""Test helpers for the HTTP server: a real uvicorn on a free loopback port, a chat model,
-and server-sent-event parsing."""
+"""Test helpers for the HTTP server: a real uvicorn on a free loopback port, a chat template for
+models without one, and server-sent-event parsing."""
 
 from __future__ import annotations
 
@@ -15,26 +15,15 @@ from typing import Any
 
 import httpx
 
-from tests.models import TINY_MODEL_DIR
-
 TEST_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
-def chat_model_dir(directory: Path) -> Path:
-    """The embedded tiny model with a chat template: itself once it ships one, else a copy
-    with a small test template."""
-    from asyncllm.tokenizer import Tokenizer
-
-    if Tokenizer(TINY_MODEL_DIR).has_chat_template:
-        return TINY_MODEL_DIR
-    return with_chat_template(TINY_MODEL_DIR, directory)
-
-
 def with_chat_template(model_dir: Path, directory: Path) -> Path:
-    """A copy of `model_dir` in `directory` whose tokenizer has a small chat template."""
+    """A copy of `model_dir` in `directory` whose tokenizer has a small chat template (for
+    models that ship none, such as the random test models)."""
     shutil.copytree(model_dir, directory, dirs_exist_ok=True)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())

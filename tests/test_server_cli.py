@@ -19,6 +19,8 @@ import pytest
 
 from asyncllm import LLM, SamplingParams
 from asyncllm.cli import build_parser
+from asyncllm.server.serve import SERVE_DECODE_STEPS, serving_overrides
+from tests.models import assert_reads_as_a_story
 from tests.servers import free_port, iter_sse, with_chat_template
 
 pytest.importorskip("uvicorn")
@@ -111,6 +113,12 @@ def stop(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is None:
         server.kill()
         server.wait()
+
+
+def test_serve_runs_four_decode_steps_a_launch_unless_told_otherwise() -> None:
+    assert serving_overrides({})["num_decode_steps"] == SERVE_DECODE_STEPS == 4
+    given = {"num_decode_steps": 1, "max_num_seqs": 8}
+    assert serving_overrides(given) == given
 
 
 def test_serve_takes_its_key_from_the_environment_and_drains_on_sigterm() -> None:
@@ -269,6 +277,37 @@ def test_ctrl_c_stops_one_reply_and_ctrl_d_quits(chat_dir: Path) -> None:
     assert len(before) < 300  # the first reply was cut short
     assert after.startswith("> ") and after.count("> ") == 2  # a second reply, then the end
     assert len(after) > len("> \n> \n")
+
+
+def test_chat_with_the_embedded_model_tells_stories_and_follows_up() -> None:
+    ask, follow_up = "Tell me a story about a cat named Tom.", "Make it shorter."
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asyncllm", "chat", "--device", "cpu", "--num-kv-blocks", "128"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )  # no model: the embedded one, which ships a chat template
+    out, err = process.communicate(f"{ask}\n{follow_up}\n", timeout=120)
+    assert process.returncode == 0, err
+    history = [{"role": "user", "content": ask}]
+    with LLM(None, device="cpu", num_kv_blocks=128) as llm:
+        greedy = SamplingParams(max_tokens=512, temperature=0)  # the command's defaults
+        tokenizer = llm.engine.tokenizer
+        first = llm.generate([tokenizer.apply_chat_template(history)], greedy)[0]
+        history += [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": follow_up},
+        ]
+        second = llm.generate([tokenizer.apply_chat_template(history)], greedy)[0]
+    assert out == f"> {first.text}\n> {second.text}\n> \n"
+    # Each reply is a story that ended its turn; the second heeded the first.
+    assert first.finish_reason == second.finish_reason == "stop"
+    assert_reads_as_a_story(first.text, ask)
+    assert_reads_as_a_story(second.text, follow_up)
+    assert "Tom" in first.text and "Tom" in second.text
+    assert len(second.text) < len(first.text)
 
 
 def test_chat_refuses_a_model_without_a_chat_template(random_model_dir: Path) -> None:

@@ -18,7 +18,6 @@ from asyncllm import AsyncEngine, errors
 from asyncllm.server import create_app
 from asyncllm.server.protocol import ChatStreamChunk, CompletionStreamChunk
 from tests.servers import (
-    chat_model_dir,
     iter_sse,
     serve_in_thread,
     sse_data,
@@ -32,12 +31,10 @@ LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "s
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, AsyncEngine]]:
-    model_dir = chat_model_dir(tmp_path_factory.mktemp("chat-model"))
-    # Two sequences at most: a third request waits, which the disconnect tests rely on.
-    engine = AsyncEngine.from_pretrained(
-        str(model_dir), device="cpu", num_kv_blocks=512, max_num_seqs=2
-    )
+def server() -> Iterator[tuple[str, AsyncEngine]]:
+    # The embedded model, which ships a chat template. Two sequences at most: a third request
+    # waits, which the disconnect tests rely on.
+    engine = AsyncEngine.from_pretrained(None, device="cpu", num_kv_blocks=512, max_num_seqs=2)
     app = create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY_BYTES)
     with serve_in_thread(app) as url:
         yield url, engine

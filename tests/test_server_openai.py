@@ -16,7 +16,8 @@ pytest.importorskip("uvicorn")
 
 from asyncllm import AsyncEngine, SamplingParams  # noqa: E402
 from asyncllm.server import create_app  # noqa: E402
-from tests.servers import chat_model_dir, serve_in_thread, wait_until_idle  # noqa: E402
+from tests.models import assert_reads_as_a_story  # noqa: E402
+from tests.servers import serve_in_thread, wait_until_idle  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-chat"
@@ -24,9 +25,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, AsyncEngine]]:
-    model_dir = chat_model_dir(tmp_path_factory.mktemp("chat-model"))
-    engine = AsyncEngine.from_pretrained(str(model_dir), device="cpu", num_kv_blocks=512)
+def server() -> Iterator[tuple[str, AsyncEngine]]:
+    """The embedded model (which ships a chat template) behind a real server."""
+    engine = AsyncEngine.from_pretrained(None, device="cpu", num_kv_blocks=512)
     app = create_app(engine, served_model_name=MODEL, api_key=KEY, max_body_bytes=MAX_BODY_BYTES)
     with serve_in_thread(app) as url:
         yield url, engine
@@ -198,6 +199,52 @@ def test_chat_renders_the_chat_template(client: Any, engine: AsyncEngine) -> Non
     assert out.choices[0].message.content == greedy(engine, ids, 12).text
 
 
+ASK = "Tell me a story about a cat named Tom."
+STORY = [{"role": "user", "content": ASK}]
+ROOM = 400  # far more tokens than a story of the embedded model takes
+
+
+def test_embedded_model_answers_a_chat_with_a_story_that_ends_its_turn(
+    client: Any, engine: AsyncEngine
+) -> None:
+    out = client.chat.completions.create(
+        model=MODEL, messages=STORY, max_tokens=ROOM, temperature=0
+    )
+    [choice] = out.choices
+    assert choice.finish_reason == "stop" and out.usage.completion_tokens < ROOM
+    assert_reads_as_a_story(choice.message.content, ASK)
+    assert "Tom" in choice.message.content  # the story is the one asked for
+    # It stopped at the end-of-turn token, which the reply does not spell out.
+    ids = engine.generate_threadsafe(
+        engine.tokenizer.apply_chat_template(STORY), SamplingParams(temperature=0, max_tokens=ROOM)
+    ).token_ids
+    assert engine.tokenizer.token_bytes(ids[-1]) == b"<|im_end|>"
+    assert len(ids) == out.usage.completion_tokens
+
+
+def test_sampled_chat_reply_is_a_story_that_ends_its_turn(client: Any) -> None:
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[system, *STORY], max_tokens=ROOM, temperature=0.8, seed=11
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert_reads_as_a_story(out.choices[0].message.content, ASK)
+
+
+def test_streamed_chat_reply_ends_its_turn_like_the_whole_one(client: Any) -> None:
+    full = client.chat.completions.create(
+        model=MODEL, messages=STORY, max_tokens=ROOM, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=STORY, max_tokens=ROOM, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_chat_accepts_text_content_parts(client: Any) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hi!"}]}]
     plain = [{"role": "user", "content": "Hi!"}]
@@ -231,13 +278,19 @@ def test_streamed_chat_announces_the_role_then_adds_up(client: Any) -> None:
 
 def test_chat_logprobs_give_bytes_and_top_alternatives(client: Any) -> None:
     out = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=ROOM,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
+    assert out.choices[0].finish_reason == "stop"
     entries = out.choices[0].logprobs.content
     assert len(entries) == out.usage.completion_tokens
-    text = out.choices[0].message.content
-    if out.choices[0].finish_reason == "stop":  # the end-of-text token is listed, not written
-        text += "<|endoftext|>"
+    # The end-of-turn token is listed, not written.
+    assert entries[-1].token == "<|im_end|>"
+    text = out.choices[0].message.content + "<|im_end|>"
     assert b"".join(bytes(e.bytes) for e in entries).decode() == text
     for entry in entries:
         assert len(entry.top_logprobs) == 2

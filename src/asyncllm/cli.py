@@ -274,7 +274,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         description="Serve the OpenAI-compatible HTTP API (/v1/completions, "
         "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, /detokenize) with "
         "uvicorn. SIGTERM or Ctrl-C stops accepting connections, lets the requests in "
-        "flight finish (up to --shutdown-timeout), and exits 0. Needs "
+        "flight finish (up to --shutdown-timeout), and exits 0. The engine runs four decode "
+        "steps a launch unless --num-decode-steps says otherwise. Needs "
         "`pip install asyncllm[server]`.",
     )
     p.add_argument(

@@ -263,8 +263,10 @@ async def bench_http(url: str, workload: Workload, args: argparse.Namespace) -> 
 async def bench_in_process(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
     from asyncllm.cli import engine_overrides
     from asyncllm.engine.async_engine import AsyncEngine
+    from asyncllm.server.serve import serving_overrides
 
-    engine = AsyncEngine.from_pretrained(args.model, **engine_overrides(args))
+    # The engine a started server would run: the same options, the same defaults.
+    engine = AsyncEngine.from_pretrained(args.model, **serving_overrides(engine_overrides(args)))
     async with engine:
         send = engine_sender(engine, args.temperature)
         warm = Workload(workload.warmup_prompts, [8] * len(workload.warmup_prompts), [])
