@@ -23,6 +23,7 @@ import xxhash
 from asyncllm.config import EngineConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.inputs import sampling_row
+from asyncllm.engine.persistent_batch import PersistentBatch
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.engine.runner import ModelRunner, PreparedStep, SampleSpec, StepBatch, StepResult
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
@@ -116,6 +117,7 @@ class EngineCore:
         self.blocks = BlockManager(
             self.runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
+        self.persistent = PersistentBatch(self.config.max_num_seqs, self.config.block_size)
         self.scheduler = Scheduler(
             self.blocks,
             self.config.max_num_seqs,
@@ -251,7 +253,13 @@ class EngineCore:
     def prepare(self, step: ScheduledStep) -> PreparedStep:
         """Turn a scheduled step into device inputs."""
         assert self.runner is not None, "prepare() before load()"
-        return self.runner.prepare(self._batch(step))
+        host = None
+        if step.num_tokens.count(1) == len(step.num_tokens) and all(step.samples):
+            # A decode step (the steady state): packed from the persistent batch's slots.
+            host = self.persistent.pack(step.requests, step.num_steps, step.step_id)
+        if host is None:
+            return self.runner.prepare(self._batch(step))
+        return self.runner.prepare_packed(host)
 
     def _batch(self, step: ScheduledStep) -> StepBatch:
         run, step_id = step.num_steps, step.step_id
@@ -302,19 +310,19 @@ class EngineCore:
     def apply(self, drawn: Drawn, now: float) -> bool:
         """Give a request the tokens its step drew (as many as its stop rules and limit let
         it keep); False when it had ended meanwhile."""
+        # Runs for every request every step: attributes read directly, no helper calls.
         req, tokens = drawn.request, drawn.token_ids
         req.num_pending_tokens -= len(tokens)
-        if req.is_finished:  # aborted or stopped while the step ran
+        if req.finish_reason is not None:  # aborted or stopped while the step ran
             return False
-        self._append(req, drawn, now)
-        return True
-
-    def _append(self, req: Request, drawn: Drawn, now: float) -> None:
-        before = len(req.token_ids)
-        if req.decodes_lazily:
-            req.append_tokens(drawn.token_ids, drawn.logprobs, now)
+        before, params = len(req.token_ids), req.params
+        if not params.stop:  # `req.decodes_lazily`
+            if len(tokens) == 1 and params.logprobs is None:
+                req.append_one(tokens[0], now)
+            else:
+                req.append_tokens(tokens, drawn.logprobs, now)
         else:
-            for token_id, logprobs in zip(drawn.token_ids, drawn.logprobs):
+            for token_id, logprobs in zip(tokens, drawn.logprobs):
                 req.append_token(token_id, logprobs, now)
                 if req.is_finished:
                     break  # a run's tokens after the stop are dropped
@@ -322,6 +330,7 @@ class EngineCore:
         self.generated_tokens += len(req.token_ids) - before
         if req.is_finished:
             self._release_when_idle(req)
+        return True
 
     def end_step(self, step: ScheduledStep) -> None:
         """Book-keeping once all of a step's tokens are applied."""

@@ -38,6 +38,7 @@ __all__ = [
     "StepBatch",
     "StepMeta",
     "device_step",
+    "host_step",
     "next_decode_step",
     "pack_step",
     "prepare_step",
@@ -373,6 +374,17 @@ def pack_step(batch: StepBatch, block_size: int) -> HostStep:
         any_min_p=bool((floats[2] > 0.0).any()),
         num_steps=batch.num_steps,
     )
+    return host_step(ints, int32s, float_rows, meta)
+
+
+def host_step(
+    ints: dict[str, np.ndarray],
+    int32s: dict[str, np.ndarray],
+    float_rows: Sequence[Sequence[float] | np.ndarray],
+    meta: StepMeta,
+) -> HostStep:
+    """The `HostStep` of a step's parts, each dtype packed into one aligned array (`ints`
+    and `int32s` in the order `device_step` reads them: see `pack_step`)."""
     return HostStep(_pack(ints), _sizes(ints), _pack(int32s), _sizes(int32s),
                     _pack_rows(float_rows), meta)  # fmt: skip
 

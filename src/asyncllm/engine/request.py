@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,6 +80,9 @@ class Request:
     sample_row: int = -1
     """This request's row among the tokens drawn by step `sample_step`."""
     sample_step: int = -1
+    batch_slot: int = -1
+    """The key of its slot in the engine's persistent batch (-1: none; see
+    `engine.persistent_batch`)."""
 
     pieces: list[str] = field(default_factory=list)
     """Streamable text of each generated token decoded so far (all of them with stop strings;
@@ -161,6 +164,7 @@ class Request:
         """Forget every KV block (the block manager took them back)."""
         self.block_ids.clear()
         self.num_registered_blocks = 0
+        self.batch_slot = -1  # its persistent-batch row lists the blocks just dropped
         self._block_array = _NO_BLOCKS
 
     def distinct_prompt_array(self) -> np.ndarray:
@@ -205,7 +209,8 @@ class Request:
         tokens and the token limit end it (dropping what comes after), as `append_token`
         would one at a time; their text is decoded when it is read."""
         generated = len(self.token_ids) - len(self.prompt_token_ids)
-        count, reason = len(tokens), cast("FinishReason | None", None)
+        count = len(tokens)
+        reason: FinishReason | None = None
         room = self.max_tokens - generated
         if count >= room:
             count, reason = room, "length"
@@ -217,7 +222,10 @@ class Request:
                     count, reason = j + 1, "stop"
                     break
         self.token_ids.extend(tokens if count == len(tokens) else tokens[:count])
-        self.token_times.extend([now] * count)
+        if count == 1:
+            self.token_times.append(now)
+        else:
+            self.token_times.extend([now] * count)
         top_n = self.params.logprobs
         if top_n is not None:
             assert logprobs is not None, "a request asking for logprobs got none"
@@ -228,6 +236,17 @@ class Request:
         if reason is not None:
             self.finish_reason = reason
             self._flush_at_end = True
+
+    def append_one(self, token_id: int, now: float) -> None:
+        """`append_tokens([token_id], None, now)` for a request without logprobs: the
+        common case of every decode step, kept to a few operations."""
+        self.token_ids.append(token_id)
+        self.token_times.append(now)
+        generated = len(self.token_ids) - len(self.prompt_token_ids)
+        if token_id in self._stop_ids and generated >= self.params.min_tokens:
+            self.finish_reason, self._flush_at_end = "stop", True
+        elif generated >= self.max_tokens:
+            self.finish_reason, self._flush_at_end = "length", True
 
     def _decode_pending(self) -> None:
         """Decode the text of tokens `append_tokens` recorded and nobody has read yet."""

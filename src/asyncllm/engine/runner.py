@@ -323,7 +323,11 @@ class ModelRunner:
     def prepare(self, batch: StepBatch) -> PreparedStep:
         """Turn `batch` into device tensors (enqueued on the runner's stream); on rank 0 of a
         tensor-parallel group, also send it to the other ranks."""
-        host = pack_step(batch, self.block_size)
+        return self.prepare_packed(pack_step(batch, self.block_size))
+
+    def prepare_packed(self, host: HostStep) -> PreparedStep:
+        """`prepare` for a step already packed on the host: on rank 0 of a tensor-parallel
+        group, send it to the other ranks; then its device tensors (enqueued on the stream)."""
         if self.workers is not None:
             self.workers.send_step(host)
         return self.prepare_host(host)

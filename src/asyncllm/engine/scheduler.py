@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_not
 from typing import NamedTuple
+
+import numpy as np
 
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
@@ -80,6 +83,40 @@ class Scheduler:
 
     def schedule(self, step_id: int) -> ScheduledStep:
         """Pick this step's work; computed-token counts advance as if the step already ran."""
+        return self._schedule_decodes(step_id) or self._schedule_any(step_id)
+
+    def _schedule_decodes(self, step_id: int) -> ScheduledStep | None:
+        """The steady state, tested for every running request at once: when each decodes
+        (or is done) and the pool covers the blocks they need, schedule them all, then admit
+        whom the budget lets in, as `_schedule_any` would; None otherwise (a prefill chunk,
+        too many decodes for the budget, or a preemption to make)."""
+        running = self.running
+        remaining, computed = _remaining_all(running)
+        if not len(remaining) or remaining.max() > 1:
+            return None
+        decodes = list(compress(running, remaining.tolist()))
+        if self.num_decode_steps > 1 and decodes:
+            run = self._run_length(decodes)
+            if run > 1:
+                return self._schedule_run(step_id, decodes, run)
+        if len(decodes) > self.max_num_batched_tokens:
+            return None
+        size = self.blocks.block_size
+        num_blocks = np.fromiter(map(len, map(_blocks_of, running)), np.int64, len(running))
+        short = (remaining > 0) & (computed + remaining > num_blocks * size)
+        needy = np.flatnonzero(short).tolist()
+        if len(needy) > self.blocks.num_unused_blocks:
+            return None  # someone is preempted: the general path decides whom
+        for row in needy:  # a row whose last block is full takes one more (few a step)
+            allocated = self.blocks.allocate(running[row], 1)
+            assert allocated, "the new blocks were counted before"
+        picked = dict.fromkeys(decodes, 1)
+        self._admit(picked, self.max_num_batched_tokens - len(decodes))
+        return self._finalize(step_id, picked)
+
+    def _schedule_any(self, step_id: int) -> ScheduledStep:
+        """`schedule` in general: decodes, then prefill chunks, preempting when the pool runs
+        dry, then admissions."""
         picked: dict[Request, int] = {}
         used = 0
         preempted = False
@@ -90,7 +127,7 @@ class Scheduler:
             if remaining:
                 (decodes if remaining == 1 else prefills).append((req, remaining))
         if self.num_decode_steps > 1 and not prefills and decodes:
-            run = self._run_length(decodes)
+            run = self._run_length([req for req, _ in decodes])
             if run > 1:
                 return self._schedule_run(step_id, [req for req, _ in decodes], run)
         # Decodes before prefill chunks, so a long prompt being prefilled cannot starve them.
@@ -113,17 +150,17 @@ class Scheduler:
             self._admit(picked, self.max_num_batched_tokens - used)
         return self._finalize(step_id, picked)
 
-    def _run_length(self, decodes: list[tuple[Request, int]]) -> int:
+    def _run_length(self, decodes: list[Request]) -> int:
         """How many decode steps the next step can run at once (1: an ordinary step)."""
         if self.waiting and len(self.running) < self.max_num_seqs:
             return 1  # someone may join: keep steps short
         steps = self.num_decode_steps
         needed, size = 0, self.blocks.block_size
-        for req, _ in decodes:
+        for req in decodes:
             steps = min(steps, _run_limit(req))
             if steps <= 1:
                 return 1
-        for req, _ in decodes:
+        for req in decodes:
             needed += -(-(req.num_computed_tokens + steps) // size) - len(req.block_ids)
         return steps if needed <= self.blocks.num_unused_blocks else 1
 
@@ -170,24 +207,30 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _finalize(self, step_id: int, picked: dict[Request, int]) -> ScheduledStep:
-        order = sorted(picked.items(), key=lambda item: item[1] != 1)  # decodes first (stable)
+        counts = list(picked.values())
+        order = list(picked.items())
+        if counts.count(1) != len(counts):
+            order.sort(key=lambda item: item[1] != 1)  # decodes first (stable)
         samples = []
-        for req, count in order:
-            req.num_computed_tokens += count
+        for req, count in order:  # every request of the step, every step: kept lean
+            req.num_computed_tokens = computed = req.num_computed_tokens + count
             req.last_step_id = step_id
-            sample = req.num_computed_tokens == req.num_tokens + req.num_pending_tokens
+            sample = computed == len(req.token_ids) + req.num_pending_tokens
             req.num_pending_tokens += sample
             samples.append(sample)
         return ScheduledStep(step_id, [r for r, _ in order], [c for _, c in order], samples)
 
     def after_step(self, step: ScheduledStep) -> None:
         """Register the blocks the finished step filled, so later requests can reuse them."""
-        size = self.blocks.block_size
-        for req in step.requests:
-            # Cheap test first: most steps fill no block for most requests.
-            full = min(req.num_computed_tokens, len(req.token_ids)) // size
-            if full > req.num_registered_blocks and req.status is RequestStatus.RUNNING:
-                self.blocks.register_full_blocks(req)
+        reqs, n = step.requests, len(step.requests)
+        computed = np.fromiter(map(_computed_of, reqs), np.int64, n)
+        known = np.fromiter(map(len, map(_tokens_of, reqs)), np.int64, n)
+        registered = np.fromiter(map(_registered_of, reqs), np.int64, n)
+        # Tested for all at once: most steps fill no block for most requests.
+        full = np.minimum(computed, known) // self.blocks.block_size
+        for row in np.flatnonzero(full > registered).tolist():
+            if reqs[row].status is RequestStatus.RUNNING:
+                self.blocks.register_full_blocks(reqs[row])
 
 
 def _run_limit(req: Request) -> int:
@@ -200,6 +243,31 @@ def _run_limit(req: Request) -> int:
     left = req.max_tokens - drawn
     min_tokens = req.params.min_tokens
     return min(left, min_tokens - drawn) if drawn < min_tokens else left
+
+
+_reason_of = attrgetter("finish_reason")
+_tokens_of = attrgetter("token_ids")
+_prompt_of = attrgetter("prompt_token_ids")
+_blocks_of = attrgetter("block_ids")
+_pending_of = attrgetter("num_pending_tokens")
+_computed_of = attrgetter("num_computed_tokens")
+_max_tokens_of = attrgetter("max_tokens")
+_registered_of = attrgetter("num_registered_blocks")
+
+
+def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray]:
+    """`_remaining` of every request of `reqs` and their computed-token counts, read with
+    C-level iteration and worked out in a few vectorised operations."""
+    n = len(reqs)
+    known = np.fromiter(map(len, map(_tokens_of, reqs)), np.int64, n)
+    prompt = np.fromiter(map(len, map(_prompt_of, reqs)), np.int64, n)
+    pending = np.fromiter(map(_pending_of, reqs), np.int64, n)
+    computed = np.fromiter(map(_computed_of, reqs), np.int64, n)
+    max_tokens = np.fromiter(map(_max_tokens_of, reqs), np.int64, n)
+    finished = np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
+    remaining = known + pending - computed
+    remaining[finished | (known - prompt + pending >= max_tokens)] = 0
+    return remaining, computed
 
 
 def _remaining(req: Request) -> int:

@@ -1,0 +1,236 @@
+"""The persistent batch: decode steps packed from per-slot arrays, not request by request.
+
+Every running request that decodes holds a *slot*: a row of preallocated host arrays with
+its block table, its sampling values (temperature, top-p, min-p, top-k, seed, logprobs), its
+prompt length and min_tokens. A slot is filled when its request first decodes, and then only
+changed where the request changed: the block-table row takes the blocks added since the last
+step (a few rows a step: those that crossed a block boundary). The per-step scalars (computed,
+known and pending token counts) are read from the requests with C-level iteration and turned
+into positions, slots, sequence lengths and sampling offsets by vectorised operations. What is
+left in Python per row is the rare case: a request that joins, that gained a block, that is
+under min_tokens, or whose input token is known on the host rather than pending on the device.
+
+A step with a prefill chunk, or with a penalised request, is packed the general way
+(`asyncllm.engine.inputs.pack_step`); both give the same `HostStep` for the same step
+(tested), so the device side (CUDA graphs, tensor-parallel workers) does not know which packed
+it.
+
+A request names its slot by a key (`Request.batch_slot`): the slot's index plus a serial
+number, new each time a slot is handed out, so a key is never valid for two owners. Dropping
+its blocks (preemption) clears a request's key, so it is given a fresh, refilled slot when it
+decodes again. Slots are never released explicitly: a slot whose owner left the running set
+(finished, aborted, preempted) is taken back when a newcomer needs one and none is free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+
+import numpy as np
+
+from asyncllm.engine.inputs import HostStep, StepMeta, host_step, sampling_row
+from asyncllm.engine.request import Request
+
+__all__ = ["PersistentBatch"]
+
+_slot_of = attrgetter("batch_slot")
+_computed_of = attrgetter("num_computed_tokens")
+_pending_of = attrgetter("num_pending_tokens")
+_tokens_of = attrgetter("token_ids")
+_blocks_of = attrgetter("block_ids")
+_row_of = attrgetter("sample_row")
+_step_of = attrgetter("sample_step")
+_TABLE_WIDTH_STEP = 16  # as `inputs._block_tables`: the row stride kernels specialise on
+
+
+class PersistentBatch:
+    """Per-slot decode state for up to `num_slots` requests (`max_num_seqs`)."""
+
+    def __init__(self, num_slots: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.owners: list[Request | None] = [None] * num_slots
+        self._keys = np.full(num_slots, -1, np.int64)
+        """The key each slot's owner holds (-1: none)."""
+        self._serial = 0
+        self._num_blocks = np.zeros(num_slots, np.int64)
+        """Leading entries of each block-table row written (the rest are zero)."""
+        self.tables = np.zeros((num_slots, _TABLE_WIDTH_STEP), np.int32)
+        self._floats = np.zeros((num_slots, 3), np.float32)
+        self._ints = np.zeros((num_slots, 3), np.int64)
+        self._prompt_lens = np.zeros(num_slots, np.int64)
+        self._min_tokens = np.zeros(num_slots, np.int64)
+        self._penalised = np.zeros(num_slots, bool)
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def pack(self, requests: Sequence[Request], num_steps: int, step_id: int) -> HostStep | None:
+        """The `HostStep` of a step in which every one of `requests` decodes one token (each
+        `num_steps` times in a row) and samples, as `pack_step` would give it; None when
+        some request has penalties (those steps are packed the general way).
+
+        Like the general path, it records in each request the row it samples in
+        (`sample_row`, `sample_step`), which the next step's pending inputs read."""
+        n = len(requests)
+        slots = self._slots(requests)
+        if self._penalised[slots].any():
+            return None
+        self._sync_tables(requests, slots)
+        computed = np.fromiter(map(_computed_of, requests), np.int64, n)
+        known = np.fromiter(map(len, map(_tokens_of, requests)), np.int64, n)
+        pending = np.fromiter(map(_pending_of, requests), np.int64, n)
+        starts = computed - num_steps  # a run's first step computes the first of its tokens
+        rows = np.arange(n, dtype=np.int64)
+        ints = self._token_inputs(requests, starts, known, step_id)
+        tables = self._step_tables(slots)
+        size = self.block_size
+        blocks = tables[rows, starts // size].astype(np.int64)
+        drawn = known - self._prompt_lens[slots] + pending - num_steps
+        floats, sample_ints = self._floats[slots].T, self._ints[slots].T
+        ints.update(
+            positions=starts,
+            slots=blocks * size + starts % size,
+            logits_indices=rows,
+            top_k=sample_ints[0],
+            seeds=sample_ints[1],
+            offsets=drawn,
+        )
+        ints = _reorder(ints)
+        ints.update(zip(("banned_rows", "banned_tokens"), self._banned(requests, slots, drawn)))
+        seq_lens = starts + 1
+        int32s = {"cu_q": np.arange(n + 1, dtype=np.int32), "seq_lens": seq_lens.astype(np.int32),
+                  "tables": tables.ravel()}  # fmt: skip
+        meta = StepMeta(
+            num_seqs=n,
+            table_width=tables.shape[1],
+            max_seqlen_q=1,
+            max_seqlen_k=int(seq_lens.max()),
+            num_decode_seqs=n,
+            num_logprobs=int(sample_ints[2].max(initial=-1)),
+            all_greedy=not (floats[0] > 0.0).any(),
+            any_top_k_top_p=bool((sample_ints[0] > 0).any() or (floats[1] < 1.0).any()),
+            any_min_p=bool((floats[2] > 0.0).any()),
+            num_steps=num_steps,
+        )
+        for row, req in enumerate(requests):
+            req.sample_row, req.sample_step = row, step_id
+        return host_step(ints, int32s, list(floats), meta)
+
+    # ---- slots ---------------------------------------------------------------------------
+
+    def _slots(self, requests: Sequence[Request]) -> np.ndarray:
+        """Each request's slot, giving a slot (filled) to those that hold none of their own."""
+        keys = np.fromiter(map(_slot_of, requests), np.int64, len(requests))
+        slots = keys % len(self.owners)
+        mine = (keys >= 0) & (self._keys[slots] == keys)
+        for row in np.flatnonzero(~mine).tolist():
+            slots[row] = self._assign(requests[row], requests)
+        return slots
+
+    def _assign(self, req: Request, step: Sequence[Request]) -> int:
+        if not self._free:
+            self._reclaim(step)
+        slot = self._free.pop()
+        old = int(self._num_blocks[slot])
+        self.tables[slot, :old] = 0
+        key = self._serial * len(self.owners) + slot
+        self._serial += 1
+        self.owners[slot], self._keys[slot] = req, key
+        self._num_blocks[slot] = 0
+        if req.sampling_row is None:
+            req.sampling_row = sampling_row(req.params, req.seed)
+        self._floats[slot], self._ints[slot] = req.sampling_row.floats, req.sampling_row.ints
+        self._prompt_lens[slot] = req.num_prompt_tokens
+        self._min_tokens[slot] = req.params.min_tokens
+        self._penalised[slot] = req.params.has_penalties
+        req.batch_slot = key
+        return slot
+
+    def _reclaim(self, step: Sequence[Request]) -> None:
+        """Free every slot but those of `step`'s requests: their owners left the running set
+        or do not decode now (they get a slot again, refilled, when they next do)."""
+        in_step = {id(req) for req in step}
+        for slot, owner in enumerate(self.owners):
+            if owner is not None and (
+                id(owner) not in in_step or owner.batch_slot != self._keys[slot]
+            ):
+                self._release(slot)
+        assert self._free, "more decoding requests than slots"
+
+    def _release(self, slot: int) -> None:
+        owner = self.owners[slot]
+        if owner is not None and owner.batch_slot == self._keys[slot]:
+            owner.batch_slot = -1
+        self.owners[slot], self._keys[slot] = None, -1
+        self._free.append(slot)
+
+    # ---- block tables --------------------------------------------------------------------
+
+    def _sync_tables(self, requests: Sequence[Request], slots: np.ndarray) -> None:
+        """Write into the rows of `slots` the blocks their requests gained since the last
+        step (a request that dropped its blocks has a fresh slot: see `Request.drop_blocks`)."""
+        num_blocks = np.fromiter(map(len, map(_blocks_of, requests)), np.int64, len(requests))
+        written = self._num_blocks[slots]
+        changed = np.flatnonzero(num_blocks != written)
+        if not len(changed):
+            return
+        widest = int(num_blocks.max())
+        if widest > self.tables.shape[1]:
+            width = -(-widest // _TABLE_WIDTH_STEP) * _TABLE_WIDTH_STEP
+            self.tables = np.pad(self.tables, ((0, 0), (0, width - self.tables.shape[1])))
+        for row in changed.tolist():
+            slot, count = int(slots[row]), int(num_blocks[row])
+            start = int(written[row])
+            if count < start:  # cannot happen while the key holds: rewrite rather than trust
+                self.tables[slot, :start], start = 0, 0
+            self.tables[slot, start:count] = requests[row].block_ids[start:count]
+            self._num_blocks[slot] = count
+
+    def _step_tables(self, slots: np.ndarray) -> np.ndarray:
+        """The step's block tables: its rows, as wide as the longest rounded up to 16."""
+        widest = int(self._num_blocks[slots].max(initial=1))
+        width = -(-max(widest, 1) // _TABLE_WIDTH_STEP) * _TABLE_WIDTH_STEP
+        return self.tables[slots, :width]
+
+    # ---- per-row inputs ------------------------------------------------------------------
+
+    @staticmethod
+    def _token_inputs(
+        requests: Sequence[Request], starts: np.ndarray, known: np.ndarray, step_id: int
+    ) -> dict[str, np.ndarray]:
+        """input_ids (known tokens) and the pending ones: those the step before drew, which
+        the runner copies on the device from that step's rows."""
+        n = len(requests)
+        is_pending = starts >= known
+        pending_dst = np.flatnonzero(is_pending)
+        input_ids = np.zeros(n, np.int64)
+        if len(pending_dst) < n:
+            rows = np.flatnonzero(~is_pending).tolist()
+            input_ids[rows] = [
+                requests[r].token_ids[s] for r, s in zip(rows, starts[rows].tolist())
+            ]
+        pending_src = np.empty(0, np.int64)
+        if len(pending_dst):
+            waiting = [requests[r] for r in pending_dst.tolist()]
+            pending_src = np.fromiter(map(_row_of, waiting), np.int64, len(waiting))
+            last = np.fromiter(map(_step_of, waiting), np.int64, len(waiting))
+            assert (last == step_id - 1).all(), "a pending token skipped a step"
+        return {"input_ids": input_ids, "pending_dst": pending_dst, "pending_src": pending_src}
+
+    def _banned(
+        self, requests: Sequence[Request], slots: np.ndarray, drawn: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, token ids) the sampler must not draw: stop tokens of rows under min_tokens."""
+        pairs: list[tuple[int, int]] = []
+        for row in np.flatnonzero(drawn < self._min_tokens[slots]).tolist():
+            pairs.extend((row, t) for t in requests[row].banned_token_ids(int(drawn[row])))
+        banned = np.array(pairs, np.int64).reshape(-1, 2).T
+        return banned[0], banned[1]
+
+
+_INT_ORDER = ("input_ids", "positions", "slots", "logits_indices", "pending_dst", "pending_src",
+              "top_k", "seeds", "offsets")  # fmt: skip
+"""The int64 parts in `pack_step`'s order (the banned rows and tokens follow)."""
+
+
+def _reorder(ints: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: ints[name] for name in _INT_ORDER}

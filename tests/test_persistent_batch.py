@@ -1,0 +1,317 @@
+"""The persistent batch packs every decode step exactly as the general path (`pack_step`)
+would: through joins mid-run, finishes and aborts (slots reused), preemption and resume (the
+same request, new blocks), rows gaining blocks, min_tokens bans, logprobs, seeds, overlapped
+scheduling and multi-step runs; and its slots never hand a request another's state."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import torch
+
+from asyncllm import AsyncEngine, SamplingParams
+from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.core import EngineCore
+from asyncllm.engine.inputs import HostStep, _unpack, pack_step
+from asyncllm.engine.persistent_batch import PersistentBatch
+from asyncllm.engine.request import Request
+from asyncllm.engine.scheduler import ScheduledStep, Scheduler
+from tests.models import all_blocks_unused, random_prompts
+
+VOCAB = 384  # the random model's
+BLOCK = 4
+
+
+def parts(host: HostStep) -> dict[str, np.ndarray]:
+    """Every named part of a packed step, as numpy arrays."""
+    named = {k: v.numpy() for k, v in _unpack(torch.from_numpy(host.ints), host.int_sizes).items()}
+    int32s = _unpack(torch.from_numpy(host.int32s), host.int32_sizes)
+    named.update({k: v.numpy() for k, v in int32s.items()})
+    return named
+
+
+def assert_same_step(fast: HostStep, general: HostStep) -> None:
+    assert fast.meta == general.meta
+    assert fast.int_sizes == general.int_sizes
+    assert fast.int32_sizes == general.int32_sizes
+    np.testing.assert_array_equal(fast.ints, general.ints)
+    np.testing.assert_array_equal(fast.int32s, general.int32s)
+    np.testing.assert_array_equal(fast.floats, general.floats)
+
+
+class Checked:
+    """What the cross-check saw: decode steps packed both ways, rows that joined a running
+    batch, rows whose block table grew."""
+
+    def __init__(self) -> None:
+        self.fast_steps = 0
+        self.joins = 0
+        self.grown_rows = 0
+
+
+@contextmanager
+def cross_checked(engine: AsyncEngine) -> Iterator[Checked]:
+    """Pack every decode step both ways (persistent batch, then the general path from the
+    same request state) and require identical host steps."""
+    core: EngineCore = engine._core
+    checked = Checked()
+    pack = core.persistent.pack
+    previous: dict[int, int] = {}
+
+    def both(requests: list[Request], num_steps: int, step_id: int) -> HostStep | None:
+        rows = [(r.sample_row, r.sample_step) for r in requests]
+        fast = pack(requests, num_steps, step_id)
+        if fast is None:
+            return None
+        after = [(r.sample_row, r.sample_step) for r in requests]
+        for req, (row, step) in zip(requests, rows):
+            req.sample_row, req.sample_step = row, step
+        step_ = ScheduledStep(step_id, requests, [1] * len(requests), [True] * len(requests),
+                              num_steps)  # fmt: skip
+        general = pack_step(core._batch(step_), core.config.block_size)
+        assert [(r.sample_row, r.sample_step) for r in requests] == after
+        assert_same_step(fast, general)
+        checked.fast_steps += 1
+        checked.joins += sum(id(r) not in previous for r in requests)
+        checked.grown_rows += sum(previous.get(id(r), 0) < len(r.block_ids) for r in requests)
+        previous.clear()
+        previous.update((id(r), len(r.block_ids)) for r in requests)
+        return fast
+
+    core.persistent.pack = both  # type: ignore[method-assign]
+    try:
+        yield checked
+    finally:
+        del core.persistent.pack
+
+
+def crowded_engine(model_dir: Path, **overrides: Any) -> AsyncEngine:
+    """A pool too small for the crowd (preemption), small blocks (rows grow often)."""
+    settings: dict[str, Any] = dict(device="cpu", dtype="float32", num_kv_blocks=40,
+                                    block_size=BLOCK, max_model_len=96, max_num_seqs=6,
+                                    max_num_batched_tokens=32)  # fmt: skip
+    settings.update(overrides)
+    return AsyncEngine.from_pretrained(str(model_dir), **settings)
+
+
+MIXED = [
+    SamplingParams(temperature=0, max_tokens=30),
+    SamplingParams(temperature=0.8, seed=3, max_tokens=25, logprobs=2),
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_tokens=28, min_tokens=12),
+    SamplingParams(temperature=0, max_tokens=20, min_tokens=20, stop_token_ids=[7, 9]),
+    SamplingParams(temperature=1.0, min_p=0.05, seed=11, max_tokens=33),
+]
+
+
+@pytest.mark.parametrize(("overlap", "num_decode_steps"), [(False, 1), (True, 1), (True, 4)])
+async def test_every_decode_step_packs_as_the_general_path(
+    random_model_dir: Path, overlap: bool, num_decode_steps: int
+) -> None:
+    """Arrivals spread over the run (joins mid-run, slots reused after finishes), a pool
+    that forces preemption (resume with new blocks), an abort, bans and logprobs."""
+    prompts = random_prompts([9, 23, 5, 14, 31, 7, 18, 11, 26, 3, 16, 12], VOCAB, seed=31)
+    engine = crowded_engine(random_model_dir, overlap_scheduling=overlap,
+                            num_decode_steps=num_decode_steps)  # fmt: skip
+    async with engine:
+        with cross_checked(engine) as checked:
+            async with anyio.create_task_group() as group:
+                for index, prompt in enumerate(prompts):
+                    params = MIXED[index % len(MIXED)]
+                    group.start_soon(engine.generate, prompt, params)
+                    await anyio.sleep(0.01 * (index % 3))
+                doomed = engine.stream(prompts[0], SamplingParams(max_tokens=60, ignore_eos=True))
+                async for _ in doomed:
+                    break
+                await doomed.aclose()
+            with anyio.fail_after(10):
+                await engine.idle()
+        stats = engine.stats()
+    assert stats.num_preemptions > 0
+    assert checked.fast_steps > 20
+    assert checked.joins > len(engine._core.persistent.owners)  # slots were reused
+    assert checked.grown_rows > 0
+    assert all_blocks_unused(stats)
+
+
+def request(rid: str, prompt: list[int], **params: Any) -> Request:
+    return Request(rid, prompt, SamplingParams(**params), max_tokens=50, seed=1,
+                   eos_token_ids=frozenset({1}), detokenizer=None)  # fmt: skip
+
+
+def decoding(req: Request, blocks: list[int]) -> Request:
+    """`req` as the scheduler leaves it for a decode step of its last prompt token."""
+    req.block_ids = list(blocks)
+    req.num_computed_tokens = req.num_tokens
+    return req
+
+
+def tables_of(host: HostStep) -> np.ndarray:
+    return parts(host)["tables"].reshape(host.meta.num_seqs, host.meta.table_width)
+
+
+def test_a_slot_freed_by_a_leaver_carries_none_of_its_blocks() -> None:
+    batch = PersistentBatch(num_slots=2, block_size=BLOCK)
+    a = decoding(request("a", [5] * 15), [10, 11, 12, 13])
+    b = decoding(request("b", [6] * 3), [20])
+    batch.pack([a, b], 1, 0)
+    c = decoding(request("c", [7] * 2), [30])  # a left; c takes its slot
+    host = batch.pack([b, c], 1, 1)
+    assert host is not None
+    assert batch.owners[0] is c and a.batch_slot == -1
+    np.testing.assert_array_equal(tables_of(host)[:, :4], [[20, 0, 0, 0], [30, 0, 0, 0]])
+
+
+def test_a_row_takes_the_blocks_its_request_gains() -> None:
+    batch = PersistentBatch(num_slots=1, block_size=BLOCK)
+    a = decoding(request("a", [5] * 4), [3])
+    batch.pack([a], 1, 0)
+    a.token_ids.append(8)
+    a.block_ids.append(9)
+    a.num_computed_tokens += 1
+    host = batch.pack([a], 1, 1)
+    assert host is not None
+    np.testing.assert_array_equal(tables_of(host)[0, :3], [3, 9, 0])
+    np.testing.assert_array_equal(parts(host)["slots"], [9 * BLOCK])
+
+
+def test_a_preempted_request_resumes_with_its_new_blocks_not_its_old_row() -> None:
+    batch = PersistentBatch(num_slots=1, block_size=BLOCK)
+    a = decoding(request("a", [5] * 6), [3, 4])
+    batch.pack([a], 1, 0)
+    a.drop_blocks()  # preempted: the same number of blocks comes back, other ones
+    decoding(a, [7, 8])
+    host = batch.pack([a], 1, 1)
+    assert host is not None
+    np.testing.assert_array_equal(tables_of(host)[0, :3], [7, 8, 0])
+
+
+def test_the_table_widens_for_a_row_longer_than_any_before() -> None:
+    batch = PersistentBatch(num_slots=2, block_size=BLOCK)
+    short = decoding(request("s", [5] * 3), [1])
+    batch.pack([short], 1, 0)
+    long = decoding(request("l", [6] * 70), list(range(100, 118)))
+    host = batch.pack([short, long], 1, 1)
+    assert host is not None
+    assert host.meta.table_width == 32
+    np.testing.assert_array_equal(tables_of(host)[1, :19], [*range(100, 118), 0])
+
+
+def test_a_penalised_request_leaves_the_step_to_the_general_path() -> None:
+    batch = PersistentBatch(num_slots=2, block_size=BLOCK)
+    plain = decoding(request("p", [5] * 3), [1])
+    penalised = decoding(request("q", [6] * 3, presence_penalty=0.5), [2])
+    assert batch.pack([plain, penalised], 1, 0) is None
+
+
+# ---- the scheduler's vectorised decode test -----------------------------------------------
+
+
+class World:
+    """A scheduler and its requests, driven by a script; `general` turns the vectorised
+    decode test off, so that every step takes the general loop."""
+
+    def __init__(self, general: bool, num_decode_steps: int) -> None:
+        self.blocks = BlockManager(num_blocks=20, block_size=BLOCK, enable_prefix_caching=True)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=5, max_num_batched_tokens=12,
+                                   num_decode_steps=num_decode_steps)  # fmt: skip
+        if general:
+            self.scheduler._schedule_decodes = lambda step_id: None  # type: ignore[method-assign]
+        self.requests: dict[str, Request] = {}
+        self.in_flight: deque[ScheduledStep] = deque()
+
+    def add(self, name: str, prompt: list[int], max_tokens: int) -> None:
+        req = Request(name, prompt, SamplingParams(max_tokens=max_tokens), max_tokens, seed=0,
+                      eos_token_ids=frozenset(), detokenizer=None)  # fmt: skip
+        self.requests[name] = req
+        self.scheduler.add(req)
+
+    def launch(self, step_id: int) -> tuple[Any, ...]:
+        step = self.scheduler.schedule(step_id)
+        if step.requests:
+            self.in_flight.append(step)
+        names = [r.request_id for r in step.requests]
+        return names, step.num_tokens, step.samples, step.num_steps
+
+    def complete(self, token: int) -> None:
+        step = self.in_flight.popleft()
+        for req, samples in zip(step.requests, step.samples):
+            if samples:
+                tokens = [token] * step.num_steps
+                req.num_pending_tokens -= len(tokens)
+                if not req.is_finished:
+                    req.append_tokens(tokens, None, 0.0)
+        self.scheduler.after_step(step)
+        for req in list(self.scheduler.running):
+            if req.is_finished and not any(req in s.requests for s in self.in_flight):
+                self.scheduler.remove(req)
+
+    def state(self) -> tuple[Any, ...]:
+        reqs = sorted(self.requests.values(), key=lambda r: r.request_id)
+        held = [(r.block_ids, r.num_computed_tokens, r.num_pending_tokens, r.status) for r in reqs]
+        return held, self.blocks.num_free_blocks, self.scheduler.num_preemptions
+
+
+@pytest.mark.parametrize(("in_flight", "num_decode_steps"), [(1, 1), (2, 1), (2, 4)])
+def test_vectorised_decode_scheduling_picks_what_the_general_loop_picks(
+    in_flight: int, num_decode_steps: int
+) -> None:
+    """Arrivals, decodes crossing block boundaries, a pool that runs dry (preemption),
+    finishes; both worlds must schedule the same work and hold the same blocks."""
+    rng = random.Random(5)
+    worlds = [World(general, num_decode_steps) for general in (True, False)]
+    for step_id in range(300):
+        if rng.random() < 0.15:
+            prompt = [rng.randrange(8) for _ in range(rng.randint(1, 14))]
+            max_tokens = rng.randint(1, 30)
+            for world in worlds:
+                world.add(f"r{step_id:03d}", prompt, max_tokens)
+        picked = [world.launch(step_id) for world in worlds]
+        assert picked[0] == picked[1]
+        if len(worlds[0].in_flight) >= in_flight or not picked[0][0]:
+            token = rng.randrange(8)
+            for world in worlds:
+                if world.in_flight:
+                    world.complete(token)
+        assert worlds[0].state() == worlds[1].state()
+    assert worlds[1].scheduler.num_preemptions > 0
+
+
+# ---- processing a decode step's tokens ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("min_tokens", "max_tokens", "tokens"),
+    [
+        (0, 5, [3, 4, 5, 6, 8]),  # the limit
+        (0, 5, [3, 1, 5]),  # EOS
+        (2, 5, [1, 1, 1, 3]),  # EOS under min_tokens, then at it
+        (0, 3, [3, 4, 9]),  # a stop id as the last allowed token: "stop", not "length"
+        (3, 6, [9, 4, 9, 9]),  # a stop id before min_tokens is kept
+    ],
+)
+def test_appending_one_token_ends_a_request_as_appending_a_list_of_one_does(
+    min_tokens: int, max_tokens: int, tokens: list[int]
+) -> None:
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=[9])
+    ends = []
+    for one in (True, False):
+        req = Request("r", [5, 6], params, max_tokens, seed=0, eos_token_ids=frozenset({1}),
+                      detokenizer=None)  # fmt: skip
+        for token in tokens:
+            if req.is_finished:
+                break
+            if one:
+                req.append_one(token, 0.0)
+            else:
+                req.append_tokens([token], None, 0.0)
+        ends.append((req.output_token_ids, req.finish_reason, req._flush_at_end, req.token_times))
+    assert ends[0] == ends[1]
+    assert ends[0][1] is not None
