@@ -217,6 +217,10 @@ def chat(model: Path, *options: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        # A shell without job control starts background jobs (CI runners, `cmd &`) with
+        # Ctrl-C ignored, which children inherit and Python then leaves ignored: give the
+        # chat the terminal's default back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -271,7 +275,7 @@ def test_ctrl_c_stops_one_reply_and_ctrl_d_quits(chat_dir: Path) -> None:
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     while "[stopped]" not in "".join(output):
-        assert time.monotonic() < deadline, "Ctrl-C did not stop the reply"
+        assert time.monotonic() < deadline, f"Ctrl-C did not stop the reply: {output!r}"
         time.sleep(0.01)
     process.stdin.write("Again\n")
     process.stdin.close()  # Ctrl-D
