@@ -30,15 +30,11 @@ from operator import attrgetter
 import numpy as np
 
 from asyncllm.engine.inputs import HostStep, StepMeta, host_step, sampling_row
-from asyncllm.engine.request import Request
+from asyncllm.engine.request import Request, blocks_of, computed_of, pending_of, tokens_of
 
 __all__ = ["PersistentBatch"]
 
 _slot_of = attrgetter("batch_slot")
-_computed_of = attrgetter("num_computed_tokens")
-_pending_of = attrgetter("num_pending_tokens")
-_tokens_of = attrgetter("token_ids")
-_blocks_of = attrgetter("block_ids")
 _row_of = attrgetter("sample_row")
 _step_of = attrgetter("sample_step")
 _TABLE_WIDTH_STEP = 16  # as `inputs._block_tables`: the row stride kernels specialise on
@@ -75,9 +71,9 @@ class PersistentBatch:
         if self._penalised[slots].any():
             return None
         self._sync_tables(requests, slots)
-        computed = np.fromiter(map(_computed_of, requests), np.int64, n)
-        known = np.fromiter(map(len, map(_tokens_of, requests)), np.int64, n)
-        pending = np.fromiter(map(_pending_of, requests), np.int64, n)
+        computed = np.fromiter(map(computed_of, requests), np.int64, n)
+        known = np.fromiter(map(len, map(tokens_of, requests)), np.int64, n)
+        pending = np.fromiter(map(pending_of, requests), np.int64, n)
         starts = computed - num_steps  # a run's first step computes the first of its tokens
         rows = np.arange(n, dtype=np.int64)
         ints = self._token_inputs(requests, starts, known, step_id)
@@ -168,7 +164,7 @@ class PersistentBatch:
     def _sync_tables(self, requests: Sequence[Request], slots: np.ndarray) -> None:
         """Write into the rows of `slots` the blocks their requests gained since the last
         step (a request that dropped its blocks has a fresh slot: see `Request.drop_blocks`)."""
-        num_blocks = np.fromiter(map(len, map(_blocks_of, requests)), np.int64, len(requests))
+        num_blocks = np.fromiter(map(len, map(blocks_of, requests)), np.int64, len(requests))
         written = self._num_blocks[slots]
         changed = np.flatnonzero(num_blocks != written)
         if not len(changed):

@@ -6,6 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -394,3 +395,11 @@ def _find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int | None:
     """
     found = [i for s in stops if (i := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
     return min(found) if found else None
+
+
+# Field getters for the hot path's loops over every running request: `map(getter, reqs)`
+# reads a field with C-level iteration (shared by the scheduler and the persistent batch).
+tokens_of = attrgetter("token_ids")
+blocks_of = attrgetter("block_ids")
+pending_of = attrgetter("num_pending_tokens")
+computed_of = attrgetter("num_computed_tokens")

@@ -26,7 +26,14 @@ from typing import NamedTuple
 import numpy as np
 
 from asyncllm.engine.block_manager import BlockManager
-from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.engine.request import (
+    Request,
+    RequestStatus,
+    blocks_of,
+    computed_of,
+    pending_of,
+    tokens_of,
+)
 
 __all__ = ["ScheduledStep", "Scheduler"]
 
@@ -102,7 +109,7 @@ class Scheduler:
         if len(decodes) > self.max_num_batched_tokens:
             return None
         size = self.blocks.block_size
-        num_blocks = np.fromiter(map(len, map(_blocks_of, running)), np.int64, len(running))
+        num_blocks = np.fromiter(map(len, map(blocks_of, running)), np.int64, len(running))
         short = (remaining > 0) & (computed + remaining > num_blocks * size)
         needy = np.flatnonzero(short).tolist()
         if len(needy) > self.blocks.num_unused_blocks:
@@ -223,8 +230,8 @@ class Scheduler:
     def after_step(self, step: ScheduledStep) -> None:
         """Register the blocks the finished step filled, so later requests can reuse them."""
         reqs, n = step.requests, len(step.requests)
-        computed = np.fromiter(map(_computed_of, reqs), np.int64, n)
-        known = np.fromiter(map(len, map(_tokens_of, reqs)), np.int64, n)
+        computed = np.fromiter(map(computed_of, reqs), np.int64, n)
+        known = np.fromiter(map(len, map(tokens_of, reqs)), np.int64, n)
         registered = np.fromiter(map(_registered_of, reqs), np.int64, n)
         # Tested for all at once: most steps fill no block for most requests.
         full = np.minimum(computed, known) // self.blocks.block_size
@@ -246,11 +253,7 @@ def _run_limit(req: Request) -> int:
 
 
 _reason_of = attrgetter("finish_reason")
-_tokens_of = attrgetter("token_ids")
 _prompt_of = attrgetter("prompt_token_ids")
-_blocks_of = attrgetter("block_ids")
-_pending_of = attrgetter("num_pending_tokens")
-_computed_of = attrgetter("num_computed_tokens")
 _max_tokens_of = attrgetter("max_tokens")
 _registered_of = attrgetter("num_registered_blocks")
 
@@ -259,10 +262,10 @@ def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray]:
     """`_remaining` of every request of `reqs` and their computed-token counts, read with
     C-level iteration and worked out in a few vectorised operations."""
     n = len(reqs)
-    known = np.fromiter(map(len, map(_tokens_of, reqs)), np.int64, n)
+    known = np.fromiter(map(len, map(tokens_of, reqs)), np.int64, n)
     prompt = np.fromiter(map(len, map(_prompt_of, reqs)), np.int64, n)
-    pending = np.fromiter(map(_pending_of, reqs), np.int64, n)
-    computed = np.fromiter(map(_computed_of, reqs), np.int64, n)
+    pending = np.fromiter(map(pending_of, reqs), np.int64, n)
+    computed = np.fromiter(map(computed_of, reqs), np.int64, n)
     max_tokens = np.fromiter(map(_max_tokens_of, reqs), np.int64, n)
     finished = np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
     remaining = known + pending - computed
