@@ -141,13 +141,8 @@ class PeerAllReduce:
 
 _PEER_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
 
-
-class _Rendezvous:
-    count = 0
-    """Symmetric-memory rendezvous this process has attempted."""
-
-
-_rendezvous = _Rendezvous()
+_rendezvous_attempts = 0
+"""Symmetric-memory rendezvous this process has attempted (see `_peer_all_reduce`)."""
 
 
 def _symm_ops() -> Any:
@@ -307,14 +302,14 @@ def _peer_all_reduce(tp: TPGroup, store: Any, spawned: bool) -> PeerAllReduce | 
     """Map a `PeerAllReduce` buffer on every rank, or None on every rank where one rank
     cannot: all ranks must take the same path for every sum."""
     reason = _peer_unavailable(tp)
-    if spawned and _rendezvous.count and not reason:
+    if spawned and _rendezvous_attempts and not reason:
         # torch numbers symmetric memory's store exchanges per process: workers spawned
         # afresh would wait under other numbers than this process's (a hang, not an error).
         reason = "an earlier engine of this process mapped peer memory with other workers"
     peer = None
     if tp.cpu_min(0 if reason else 1) == 1:
         try:
-            peer = _map_peer_buffer(tp, dist.PrefixStore("peer/", _client(store)))
+            peer = _map_peer_buffer(tp, dist.PrefixStore("peer/", store))
         except Exception as exc:  # symmetric memory refused (driver, container, torch build)
             reason = f"symmetric memory failed: {exc}"
     if tp.cpu_min(1 if peer else 0) == 1:
@@ -335,7 +330,8 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
     if tp.rank == 0:
         store.set("name", f"asyncllm-{uuid.uuid4().hex}")
     name = store.get("name").decode()
-    _rendezvous.count += 1  # from the first attempt: a failed one may have used numbers
+    global _rendezvous_attempts
+    _rendezvous_attempts += 1  # from the first attempt: a failed one may have used numbers
     group = dist.ProcessGroup(store, tp.rank, tp.world_size)
     group._set_group_name(name)
     _c10d._register_process_group(name, group)
@@ -352,15 +348,6 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
         raise
     peer.buffer = buffer
     return peer
-
-
-def _client(store: Any) -> Any:
-    """`store` over a client connection of its own where it is a TCPStore: symmetric memory
-    may keep the store it is given until the process exits, and rank 0's TCPStore serves
-    the engine's other ranks from a thread that must stop with the engine."""
-    if not isinstance(store, dist.TCPStore):
-        return store
-    return dist.TCPStore(store.host, store.port, is_master=False, wait_for_workers=False)
 
 
 def _peer_unavailable(tp: TPGroup) -> str:
