@@ -65,6 +65,36 @@ def test_qk_norm_rope_matches_torch(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "page"), [(16, 8, 16), (8, 2, 256), (4, 4, 1)])
+@pytest.mark.parametrize("has_norm", [True, False])
+def test_qk_norm_rope_writes_k_and_v_to_their_cache_slots(
+    dtype: torch.dtype, heads: int, kv_heads: int, page: int, has_norm: bool
+) -> None:
+    tokens, dim, blocks = 19, 64, 40
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=dtype)
+    qw, kw = (torch.randn(dim, device="cuda", dtype=dtype) if has_norm else None for _ in "qk")
+    rotary = RotaryEmbedding(dim, 4096, 1e6).cuda()
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    slots = torch.randperm(blocks * page, device="cuda")[:tokens]
+    slots[[3, 11]] = -1  # padding rows: written nowhere
+    k_cache, v_cache = torch.randn(2, blocks, page, kv_heads, dim, device="cuda", dtype=dtype)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    args = (qkv, heads, kv_heads, dim, qw, kw, 1e-6, rotary.cos, rotary.sin, positions)
+    want_q, want_k = fused.qk_norm_rope(*args)
+    got_q, got_k = fused.qk_norm_rope(*args, kv_cache=(k_cache, v_cache, slots))
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    v = qkv[:, (heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim)
+    real = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+    assert torch.equal(flat_k[slots[real]], want_k[real])
+    assert torch.equal(flat_v[slots[real]], v[real])
+    untouched = torch.ones(blocks * page, dtype=torch.bool, device="cuda")
+    untouched[slots[real]] = False
+    assert torch.equal(flat_k[untouched], before_k.view(-1, kv_heads, dim)[untouched])
+    assert torch.equal(flat_v[untouched], before_v.view(-1, kv_heads, dim)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2 * 3072), (256, 2 * 3072), (7, 2 * 100)])
 def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, int]) -> None:
     x = torch.randn(shape, device="cuda", dtype=dtype)
@@ -87,3 +117,33 @@ def test_fused_sampling_draws_what_the_torch_path_draws() -> None:
     reference = Sampler()(logits.cpu(), params).token_ids
     assert (fused_tokens == reference).float().mean() >= 0.999
     assert torch.equal(fused_tokens[::4], logits[::4].argmax(-1).cpu())  # greedy rows exact
+
+
+def test_fused_sampling_draws_the_same_tokens_however_the_vocabulary_is_sliced() -> None:
+    # One row alone is cut into many slices, 512 rows into few: the draws must not change.
+    rows, vocab = 512, 151_936
+    logits = torch.randn(rows, vocab, device="cuda") * 3
+    temps = torch.where(torch.arange(rows, device="cuda") % 4 == 0, 0.0, 0.7)
+    seeds = torch.arange(rows, device="cuda") * 31 + 5
+    offsets = torch.arange(rows, device="cuda") % 17
+    together = gumbel_argmax(logits, temps, seeds, offsets)
+    alone = torch.cat([
+        gumbel_argmax(logits[r : r + 1], temps[r : r + 1], seeds[r : r + 1], offsets[r : r + 1])
+        for r in range(0, rows, 37)
+    ])  # fmt: skip
+    assert torch.equal(alone, together[::37])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 256])
+def test_greedy_sampling_is_argmax_with_ties_to_the_lowest_index(rows: int) -> None:
+    vocab = 151_936
+    logits = torch.randn(rows, vocab, device="cuda")
+    logits[:, [5, 70_000, 150_000]] = 50.0  # a tie across slices: the first index wins
+    logits[-1] = float("-inf")  # nothing beats -inf: index 0, as torch.argmax
+    zeros = torch.zeros(rows, device="cuda")
+    ids = torch.arange(rows, device="cuda")
+    want = logits.argmax(-1)
+    for all_greedy in (False, True):
+        got = gumbel_argmax(logits, zeros, ids, ids, all_greedy=all_greedy)
+        assert torch.equal(got, want)
+    assert got[0] == (5 if rows > 1 else 0)

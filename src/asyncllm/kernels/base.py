@@ -22,7 +22,9 @@ class AttentionBackend(ABC):
     - `q` is [T, Hq, D]; `k` and `v` are [T, Hkv, D]: this step's tokens in the context's
       order (decodes first). Hq is a multiple of Hkv (grouped-query attention).
     - `k_cache` / `v_cache` are [num_blocks, block_size, Hkv, D]. The backend first writes
-      `k` / `v` to the slots in `ctx.slot_mapping` (negative slots are padding: skipped).
+      `k` / `v` to the slots in `ctx.slot_mapping` (negative slots are padding: skipped);
+      `k` and `v` None means they are in the cache already (a fused kernel before the
+      attention wrote them, which saves a launch per layer).
     - It returns [T, Hq, D]: query i of a sequence with `q_len` new tokens attends to keys
       [0, seq_len_k - q_len + i] of that sequence (causal, aligned bottom-right), reading the
       sequence's blocks through `ctx.block_tables`.
@@ -51,10 +53,11 @@ class AttentionBackend(ABC):
         self,
         ctx: ForwardContext,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """Write this step's K/V into the cache and return the attention output [T, Hq, D]."""
+        """Write this step's K/V into the cache (unless None) and return the attention output
+        [T, Hq, D]."""

@@ -101,14 +101,16 @@ class FlashAttention(AttentionBackend):
         self,
         ctx: ForwardContext,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """Write this step's K/V into the cache and return the attention output [T, Hq, D]."""
-        self._store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        """Write this step's K/V into the cache (unless None) and return the attention output
+        [T, Hq, D]."""
+        if k is not None and v is not None:
+            self._store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         if ctx.is_decode_only:
             return self._decode(ctx, q, k_cache, v_cache, scale)
         cu_seqlens_k = ctx.attn_metadata if ctx.attn_metadata is not None else _cu_seqlens_k(ctx)

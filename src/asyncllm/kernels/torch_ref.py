@@ -55,15 +55,16 @@ class TorchAttention(AttentionBackend):
         self,
         ctx: ForwardContext,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        if k is not None and v is not None:
+            store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         num_tokens, num_heads = q.shape[0], q.shape[1]
-        group = num_heads // k.shape[1]
+        group = num_heads // k_cache.shape[2]
         keys = gather_padded_kv(k_cache, ctx.block_tables, ctx.max_seqlen_k)
         values = gather_padded_kv(v_cache, ctx.block_tables, ctx.max_seqlen_k)
 

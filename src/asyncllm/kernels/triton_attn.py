@@ -150,8 +150,8 @@ class TritonAttention(AttentionBackend):
         self,
         ctx: ForwardContext,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scale: float,
@@ -166,14 +166,15 @@ class TritonAttention(AttentionBackend):
         out: torch.Tensor,
         ctx: ForwardContext,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scale: float,
     ) -> None:
         """`forward`, writing into `out` [T, Hq, D] (every element is written)."""
-        triton_store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        if k is not None and v is not None:
+            triton_store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         _check_last_dim_contiguous(q, out)
         num_decodes = ctx.num_decode_seqs
         if ctx.is_decode_only:

@@ -71,53 +71,76 @@ def add_rms_norm(
 @triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, positions_ptr, q_out_ptr, k_out_ptr,
-    stride_qkv, eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    k_cache_ptr, v_cache_ptr, slot_ptr, stride_qkv, stride_block, stride_slot, stride_head,
+    eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half = HALF
     cols = tl.arange(0, HALF)
     is_q = head < NUM_Q_HEADS
-    # q heads then k heads are contiguous in the packed qkv row.
+    # q heads, k heads, then v heads are contiguous in the packed qkv row.
     src = qkv_ptr + token * stride_qkv + head * HEAD_DIM
     lo = tl.load(src + cols)
     hi = tl.load(src + half + cols)
-    dtype = lo.dtype
-    lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
-    if HAS_NORM:
-        inv = tl.rsqrt((tl.sum(lo32 * lo32, axis=0) + tl.sum(hi32 * hi32, axis=0)) / HEAD_DIM + eps)
-        if is_q:
-            w_lo = tl.load(q_weight_ptr + cols).to(tl.float32)
-            w_hi = tl.load(q_weight_ptr + half + cols).to(tl.float32)
-        else:
-            w_lo = tl.load(k_weight_ptr + cols).to(tl.float32)
-            w_hi = tl.load(k_weight_ptr + half + cols).to(tl.float32)
-        lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo).to(dtype).to(tl.float32)
-        hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi).to(dtype).to(tl.float32)
-    position = tl.load(positions_ptr + token)
-    cos = tl.load(cos_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
-    sin = tl.load(sin_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
-    out_lo = (lo32 * cos - hi32 * sin).to(dtype)
-    out_hi = (hi32 * cos + lo32 * sin).to(dtype)
-    if is_q:
-        dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
+    if STORE:  # this token's cache slot, for its k (rotated) and v (as is); < 0: padding
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        kv_head = (head - NUM_Q_HEADS) % NUM_KV_HEADS
+        cached = (slot // PAGE_SIZE) * stride_block + (slot % PAGE_SIZE) * stride_slot
+        cached += kv_head * stride_head
+        keep = (cols < HALF) & (slot >= 0)
+        is_v = head >= NUM_Q_HEADS + NUM_KV_HEADS  # v heads are launched only to be stored
+    else:  # Triton compiles both branches below: their names must exist (never used)
+        is_v = head < 0
+        cached = 0
+        keep = cols < 0
+    if is_v:
+        tl.store(v_cache_ptr + cached + cols, lo, mask=keep)
+        tl.store(v_cache_ptr + cached + half + cols, hi, mask=keep)
     else:
-        dst = k_out_ptr + (token * NUM_KV_HEADS + head - NUM_Q_HEADS) * HEAD_DIM
-    tl.store(dst + cols, out_lo)
-    tl.store(dst + half + cols, out_hi)
+        dtype = lo.dtype
+        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+        if HAS_NORM:
+            squares = tl.sum(lo32 * lo32, axis=0) + tl.sum(hi32 * hi32, axis=0)
+            inv = tl.rsqrt(squares / HEAD_DIM + eps)
+            if is_q:
+                w_lo = tl.load(q_weight_ptr + cols).to(tl.float32)
+                w_hi = tl.load(q_weight_ptr + half + cols).to(tl.float32)
+            else:
+                w_lo = tl.load(k_weight_ptr + cols).to(tl.float32)
+                w_hi = tl.load(k_weight_ptr + half + cols).to(tl.float32)
+            lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo).to(dtype).to(tl.float32)
+            hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi).to(dtype).to(tl.float32)
+        position = tl.load(positions_ptr + token)
+        cos = tl.load(cos_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
+        sin = tl.load(sin_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
+        out_lo = (lo32 * cos - hi32 * sin).to(dtype)
+        out_hi = (hi32 * cos + lo32 * sin).to(dtype)
+        if is_q:
+            dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
+        else:
+            dst = k_out_ptr + (token * NUM_KV_HEADS + head - NUM_Q_HEADS) * HEAD_DIM
+            if STORE:
+                tl.store(k_cache_ptr + cached + cols, out_lo, mask=keep)
+                tl.store(k_cache_ptr + cached + half + cols, out_hi, mask=keep)
+        tl.store(dst + cols, out_lo)
+        tl.store(dst + half + cols, out_hi)
 
 
 def qk_norm_rope(
     qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-head RMSNorm then rotary of the q and k parts of a packed qkv [T, (Hq+2Hkv)*D];
     rotary alone when the norm weights are None (models without q/k norm).
 
     `cos`/`sin` are [max_position, D] tables (float32); returns contiguous q [T, Hq, D] and
-    k [T, Hkv, D].
+    k [T, Hkv, D]. With `kv_cache` = (k_cache, v_cache, slot_mapping) it also writes each
+    token's rotated k and its v to the paged cache [blocks, page, Hkv, D] at its slot (slots
+    < 0 skipped), as `AttentionBackend.forward` would otherwise do in a kernel of its own.
     """
     has_norm = q_weight is not None and k_weight is not None
     if not has_norm:
@@ -125,11 +148,22 @@ def qk_norm_rope(
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if kv_cache is None:
+        k_cache = v_cache = slots = q  # never read: any pointer will do
+        strides: tuple[int, ...] = (0, 0, 0)
+        page = 1
+    else:
+        k_cache, v_cache, slots = kv_cache
+        if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+            raise ValueError("k_cache and v_cache must share one layout, rows contiguous")
+        strides, page = k_cache.stride()[:3], k_cache.shape[1]
+    heads = num_q_heads + num_kv_heads * (1 if kv_cache is None else 2)
     if tokens:
-        _qk_norm_rope_kernel[(tokens, num_q_heads + num_kv_heads)](
-            qkv, q_weight, k_weight, cos, sin, positions, q, k, qkv.stride(0), eps,
-            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-            HALF=head_dim // 2, HAS_NORM=has_norm, num_warps=1,
+        _qk_norm_rope_kernel[(tokens, heads)](
+            qkv, q_weight, k_weight, cos, sin, positions, q, k, k_cache, v_cache, slots,
+            qkv.stride(0), *strides, eps, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
+            HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm,
+            STORE=kv_cache is not None, PAGE_SIZE=page, num_warps=1,
         )  # fmt: skip
     return q, k
 

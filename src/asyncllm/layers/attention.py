@@ -26,7 +26,10 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]. k and v None: this step's K/V
+        are in `k_cache` / `v_cache` already (written by the fused q/k kernel)."""
         ctx = current_forward_context()
         return ctx.attn_backend.forward(ctx, q, k, v, self.k_cache, self.v_cache, self.scale)

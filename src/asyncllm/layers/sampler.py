@@ -100,8 +100,9 @@ class Sampler(nn.Module):
             from asyncllm.kernels.triton_sampling import gumbel_argmax
 
             tokens = gumbel_argmax(
-                logits, params.temperatures, params.seeds, params.offsets, params.penalties
-            )
+                logits, params.temperatures, params.seeds, params.offsets, params.penalties,
+                params.all_greedy,
+            )  # fmt: skip
         else:
             if params.penalties is not None:
                 logits = apply_penalties(logits, params.penalties)

@@ -16,6 +16,7 @@ gate/up into `gate_up_proj` (see `DecoderForCausalLM.packed_modules`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -90,24 +91,32 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k = self._rotated_qk(qkv)
-        v = self.qkv_proj.split(qkv)[2].view(-1, self.kv_heads, self.dim)
-        out = self.attn(q, k, v)
+        fused = fused_ops(qkv)
+        if fused is not None:  # one kernel: q/k norm, rotary, and k/v into this layer's cache
+            out = self.attn(self._fused_q(fused, qkv), None, None)
+        else:
+            q, k = self._rotated_qk(qkv)
+            v = self.qkv_proj.split(qkv)[2].view(-1, self.kv_heads, self.dim)
+            out = self.attn(q, k, v)
         projected: torch.Tensor = self.o_proj(out.flatten(1))
         return projected
 
+    def _fused_q(self, fused: ModuleType, qkv: torch.Tensor) -> torch.Tensor:
+        """q, normed per head (when the family norms them) and rotated; k likewise, written
+        with v to the cache slots of this step's tokens."""
+        ctx = current_forward_context()
+        q_weight = None if self.q_norm is None else self.q_norm.weight
+        k_weight = None if self.k_norm is None else self.k_norm.weight
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        cache = (self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping)
+        q, _ = fused.qk_norm_rope(
+            qkv, self.heads, self.kv_heads, self.dim, q_weight, k_weight, eps,
+            self.rotary.cos, self.rotary.sin, ctx.positions, cache,
+        )  # fmt: skip
+        return q  # type: ignore[no-any-return]
+
     def _rotated_qk(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k, normed per head (when the family norms them), then rotated: one fused
-        kernel on CUDA, with or without the norm."""
-        fused = fused_ops(qkv)
-        if fused is not None:
-            q_weight = None if self.q_norm is None else self.q_norm.weight
-            k_weight = None if self.k_norm is None else self.k_norm.weight
-            eps = 0.0 if self.q_norm is None else self.q_norm.eps
-            return fused.qk_norm_rope(  # type: ignore[no-any-return]
-                qkv, self.heads, self.kv_heads, self.dim, q_weight, k_weight, eps,
-                self.rotary.cos, self.rotary.sin, current_forward_context().positions,
-            )  # fmt: skip
+        """q and k, normed per head (when the family norms them), then rotated (torch ops)."""
         q, k, _ = self.qkv_proj.split(qkv)
         q = q.reshape(-1, self.heads, self.dim)
         k = k.reshape(-1, self.kv_heads, self.dim)
