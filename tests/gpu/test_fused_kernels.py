@@ -45,10 +45,10 @@ def test_add_rms_norm_matches_torch(dtype: torch.dtype, tokens: int, hidden: int
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 128), (8, 2, 64), (4, 4, 32)])
+@pytest.mark.parametrize("tokens", [23, 100])  # one head a program, and several
 def test_qk_norm_rope_matches_torch(
-    dtype: torch.dtype, heads: int, kv_heads: int, dim: int
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, tokens: int
 ) -> None:
-    tokens = 23
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=dtype)
     qw, kw = (torch.randn(dim, device="cuda", dtype=dtype) for _ in range(2))
     rotary = RotaryEmbedding(dim, 4096, 1e6).cuda()
@@ -67,10 +67,11 @@ def test_qk_norm_rope_matches_torch(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "page"), [(16, 8, 16), (8, 2, 256), (4, 4, 1)])
 @pytest.mark.parametrize("has_norm", [True, False])
+@pytest.mark.parametrize("tokens", [19, 70])  # one head a program, and several
 def test_qk_norm_rope_writes_k_and_v_to_their_cache_slots(
-    dtype: torch.dtype, heads: int, kv_heads: int, page: int, has_norm: bool
+    dtype: torch.dtype, heads: int, kv_heads: int, page: int, has_norm: bool, tokens: int
 ) -> None:
-    tokens, dim, blocks = 19, 64, 40
+    dim, blocks = 64, 80
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=dtype)
     qw, kw = (torch.randn(dim, device="cuda", dtype=dtype) if has_norm else None for _ in "qk")
     rotary = RotaryEmbedding(dim, 4096, 1e6).cuda()

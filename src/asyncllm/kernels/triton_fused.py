@@ -74,58 +74,64 @@ def _qk_norm_rope_kernel(
     k_cache_ptr, v_cache_ptr, slot_ptr, stride_qkv, stride_block, stride_slot, stride_head,
     eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEADS: tl.constexpr,
 ):  # fmt: skip
+    """One token's heads [HEADS * program, HEADS * (program + 1)) of the packed qkv row (q
+    heads, then k heads, then v heads, the last only launched with STORE)."""
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    half = HALF
-    cols = tl.arange(0, HALF)
+    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    cols = tl.arange(0, HALF)[None, :]
+    last = NUM_Q_HEADS + NUM_KV_HEADS  # one past the last head launched
+    if STORE:
+        last = last + NUM_KV_HEADS
+    valid = head < last
     is_q = head < NUM_Q_HEADS
-    # q heads, k heads, then v heads are contiguous in the packed qkv row.
-    src = qkv_ptr + token * stride_qkv + head * HEAD_DIM
-    lo = tl.load(src + cols)
-    hi = tl.load(src + half + cols)
-    if STORE:  # this token's cache slot, for its k (rotated) and v (as is); < 0: padding
+    is_k = (head >= NUM_Q_HEADS) & (head < NUM_Q_HEADS + NUM_KV_HEADS)
+    is_v = (head >= NUM_Q_HEADS + NUM_KV_HEADS) & valid
+    src = qkv_ptr + token * stride_qkv + head[:, None] * HEAD_DIM + cols
+    lo = tl.load(src, mask=valid[:, None], other=0.0)
+    hi = tl.load(src + HALF, mask=valid[:, None], other=0.0)
+    dtype = lo.dtype
+    lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+    if HAS_NORM:
+        squares = tl.sum(lo32 * lo32, axis=1) + tl.sum(hi32 * hi32, axis=1)
+        inv = tl.rsqrt(squares / HEAD_DIM + eps)[:, None]
+        q_w = is_q[:, None]
+        w_lo = tl.where(q_w, tl.load(q_weight_ptr + cols), tl.load(k_weight_ptr + cols))
+        w_hi = tl.where(q_w, tl.load(q_weight_ptr + HALF + cols),
+                        tl.load(k_weight_ptr + HALF + cols))  # fmt: skip
+        lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo.to(tl.float32)).to(dtype)
+        hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi.to(tl.float32)).to(dtype)
+        lo32, hi32 = lo32.to(tl.float32), hi32.to(tl.float32)
+    position = tl.load(positions_ptr + token)
+    cos = tl.load(cos_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
+    sin = tl.load(sin_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
+    out_lo = (lo32 * cos - hi32 * sin).to(dtype)
+    out_hi = (hi32 * cos + lo32 * sin).to(dtype)
+    q_dst = q_out_ptr + (token * NUM_Q_HEADS + head[:, None]) * HEAD_DIM + cols
+    tl.store(q_dst, out_lo, mask=is_q[:, None])
+    tl.store(q_dst + HALF, out_hi, mask=is_q[:, None])
+    k_dst = k_out_ptr + (token * NUM_KV_HEADS + head[:, None] - NUM_Q_HEADS) * HEAD_DIM + cols
+    tl.store(k_dst, out_lo, mask=is_k[:, None])
+    tl.store(k_dst + HALF, out_hi, mask=is_k[:, None])
+    if STORE:  # k (rotated) and v (as is) to this token's cache slot; slot < 0: padding
         slot = tl.load(slot_ptr + token).to(tl.int64)
         kv_head = (head - NUM_Q_HEADS) % NUM_KV_HEADS
         cached = (slot // PAGE_SIZE) * stride_block + (slot % PAGE_SIZE) * stride_slot
-        cached += kv_head * stride_head
-        keep = (cols < HALF) & (slot >= 0)
-        is_v = head >= NUM_Q_HEADS + NUM_KV_HEADS  # v heads are launched only to be stored
-    else:  # Triton compiles both branches below: their names must exist (never used)
-        is_v = head < 0
-        cached = 0
-        keep = cols < 0
-    if is_v:
-        tl.store(v_cache_ptr + cached + cols, lo, mask=keep)
-        tl.store(v_cache_ptr + cached + half + cols, hi, mask=keep)
-    else:
-        dtype = lo.dtype
-        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
-        if HAS_NORM:
-            squares = tl.sum(lo32 * lo32, axis=0) + tl.sum(hi32 * hi32, axis=0)
-            inv = tl.rsqrt(squares / HEAD_DIM + eps)
-            if is_q:
-                w_lo = tl.load(q_weight_ptr + cols).to(tl.float32)
-                w_hi = tl.load(q_weight_ptr + half + cols).to(tl.float32)
-            else:
-                w_lo = tl.load(k_weight_ptr + cols).to(tl.float32)
-                w_hi = tl.load(k_weight_ptr + half + cols).to(tl.float32)
-            lo32 = ((lo32 * inv).to(dtype).to(tl.float32) * w_lo).to(dtype).to(tl.float32)
-            hi32 = ((hi32 * inv).to(dtype).to(tl.float32) * w_hi).to(dtype).to(tl.float32)
-        position = tl.load(positions_ptr + token)
-        cos = tl.load(cos_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
-        sin = tl.load(sin_ptr + position * HEAD_DIM + cols).to(dtype).to(tl.float32)
-        out_lo = (lo32 * cos - hi32 * sin).to(dtype)
-        out_hi = (hi32 * cos + lo32 * sin).to(dtype)
-        if is_q:
-            dst = q_out_ptr + (token * NUM_Q_HEADS + head) * HEAD_DIM
-        else:
-            dst = k_out_ptr + (token * NUM_KV_HEADS + head - NUM_Q_HEADS) * HEAD_DIM
-            if STORE:
-                tl.store(k_cache_ptr + cached + cols, out_lo, mask=keep)
-                tl.store(k_cache_ptr + cached + half + cols, out_hi, mask=keep)
-        tl.store(dst + cols, out_lo)
-        tl.store(dst + half + cols, out_hi)
+        cached = cached + kv_head[:, None] * stride_head + cols
+        keep_k = (is_k & (slot >= 0))[:, None]
+        keep_v = (is_v & (slot >= 0))[:, None]
+        tl.store(k_cache_ptr + cached, out_lo, mask=keep_k)
+        tl.store(k_cache_ptr + cached + HALF, out_hi, mask=keep_k)
+        tl.store(v_cache_ptr + cached, lo, mask=keep_v)
+        tl.store(v_cache_ptr + cached + HALF, hi, mask=keep_v)
+
+
+def _qk_launch(tokens: int) -> tuple[int, int]:
+    """(heads per program, warps) of the q/k kernel. One head a program left it latency-bound
+    at 256 tokens (6.8 us a layer on the H200; 3.6 us with 4 heads), while at one token four
+    heads a program were slower (1.9 vs 1.7 us): measured with benchmarks/profile_step.py."""
+    return (4, 2) if tokens >= 64 else (1, 1)
 
 
 def qk_norm_rope(
@@ -159,11 +165,12 @@ def qk_norm_rope(
         strides, page = k_cache.stride()[:3], k_cache.shape[1]
     heads = num_q_heads + num_kv_heads * (1 if kv_cache is None else 2)
     if tokens:
-        _qk_norm_rope_kernel[(tokens, heads)](
+        per_program, warps = _qk_launch(tokens)
+        _qk_norm_rope_kernel[(tokens, triton.cdiv(heads, per_program))](
             qkv, q_weight, k_weight, cos, sin, positions, q, k, k_cache, v_cache, slots,
             qkv.stride(0), *strides, eps, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm,
-            STORE=kv_cache is not None, PAGE_SIZE=page, num_warps=1,
+            STORE=kv_cache is not None, PAGE_SIZE=page, HEADS=per_program, num_warps=warps,
         )  # fmt: skip
     return q, k
 
