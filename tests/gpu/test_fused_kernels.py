@@ -103,12 +103,18 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, int]) 
     close(fused.silu_and_mul(x), F.silu(gate) * up)
 
 
-def test_fused_sampling_draws_what_the_torch_path_draws() -> None:
-    rows, vocab = 512, 32_000
+def sampling_inputs(rows: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    """Random logits; every fourth row greedy, the others at 0.7; distinct seeds, offsets."""
     logits = torch.randn(rows, vocab, device="cuda") * 3
     temps = torch.where(torch.arange(rows, device="cuda") % 4 == 0, 0.0, 0.7)
     seeds = torch.arange(rows, device="cuda") * 31 + 5
     offsets = torch.arange(rows, device="cuda") % 17
+    return logits, temps, seeds, offsets
+
+
+def test_fused_sampling_draws_what_the_torch_path_draws() -> None:
+    rows = 512
+    logits, temps, seeds, offsets = sampling_inputs(rows, 32_000)
     fused_tokens = gumbel_argmax(logits, temps, seeds, offsets).cpu()
     params = SamplingTensors(
         temps.cpu(), torch.zeros(rows, dtype=torch.long), torch.ones(rows), torch.zeros(rows),
@@ -122,11 +128,8 @@ def test_fused_sampling_draws_what_the_torch_path_draws() -> None:
 
 def test_fused_sampling_draws_the_same_tokens_however_the_vocabulary_is_sliced() -> None:
     # One row alone is cut into many slices, 512 rows into few: the draws must not change.
-    rows, vocab = 512, 151_936
-    logits = torch.randn(rows, vocab, device="cuda") * 3
-    temps = torch.where(torch.arange(rows, device="cuda") % 4 == 0, 0.0, 0.7)
-    seeds = torch.arange(rows, device="cuda") * 31 + 5
-    offsets = torch.arange(rows, device="cuda") % 17
+    rows = 512
+    logits, temps, seeds, offsets = sampling_inputs(rows, 151_936)
     together = gumbel_argmax(logits, temps, seeds, offsets)
     alone = torch.cat([
         gumbel_argmax(logits[r : r + 1], temps[r : r + 1], seeds[r : r + 1], offsets[r : r + 1])
