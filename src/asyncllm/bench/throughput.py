@@ -237,10 +237,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     """--model-shape, --num-layers, --work-dir: which random model to write (and where)."""
     p.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES),
-                   help="shape of the random model written when --model is not given")  # fmt: skip
+                   help="shape of the random model written when --model is not given "
+                        "(default: qwen3-0.6b)")  # fmt: skip
     p.add_argument("--num-layers", type=int, default=None,
-                   help="keep only this many decoder layers of the shape")  # fmt: skip
-    p.add_argument("--work-dir", default=None, help="where the random model is written")
+                   help="keep this many decoder layers of the shape (default: all)")  # fmt: skip
+    p.add_argument("--work-dir", default=None,
+                   help="where the random model is written (default: temp dir)")  # fmt: skip
 
 
 def random_model_dir(args: argparse.Namespace) -> Path:
