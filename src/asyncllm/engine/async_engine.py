@@ -439,8 +439,8 @@ class AsyncEngine:
                         if req.finish_reason is not None:
                             self._on_finished(req)
             await anyio.lowlevel.checkpoint()
-        with self._core.clock("process"):
-            self._core.end_step(step)
+        with core.clock("process"):
+            core.end_step(step)
 
     def _on_finished(self, req: Request) -> None:
         _log_request(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from asyncllm.context import ForwardContext, forward_context
+from asyncllm.engine.inputs import table_width
 
 if TYPE_CHECKING:
     from asyncllm.kernels.base import AttentionBackend
@@ -54,7 +55,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
         device, largest = stream.device, self.sizes[-1]
-        width = -(-max_model_len // block_size // 16) * 16  # as StepBatch rounds it
+        width = table_width(-(-max_model_len // block_size))  # as steps' tables are padded
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)

@@ -43,6 +43,7 @@ __all__ = [
     "pack_step",
     "prepare_step",
     "sampling_row",
+    "table_width",
 ]
 
 
@@ -457,7 +458,7 @@ def _block_tables(rows: list[Sequence[int] | np.ndarray]) -> np.ndarray:
         flat = np.concatenate(rows).astype(np.int32, copy=False)
     else:
         flat = np.fromiter(chain.from_iterable(rows), np.int32, int(lens.sum()))
-    width = _round_up(int(lens.max(initial=1)), 16)
+    width = table_width(int(lens.max(initial=1)))
     tables = np.zeros((len(rows), width), np.int32)
     # Row-major order of the mask is the order of `flat`: row after row, left to right.
     tables[np.arange(width) < lens[:, None]] = flat
@@ -481,6 +482,16 @@ def _leading_decodes(q_lens: np.ndarray) -> int:
 
 
 _ALIGN_BYTES = 16
+
+
+TABLE_WIDTH_STEP = 16
+"""Block tables are padded to a multiple of this many columns: the row stride, which the
+attention kernels specialise on, then rarely changes."""
+
+
+def table_width(num_blocks: int) -> int:
+    """Columns of a block table whose longest row holds `num_blocks` blocks (at least one)."""
+    return _round_up(max(num_blocks, 1), TABLE_WIDTH_STEP)
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -29,7 +29,14 @@ from operator import attrgetter
 
 import numpy as np
 
-from asyncllm.engine.inputs import HostStep, StepMeta, host_step, sampling_row
+from asyncllm.engine.inputs import (
+    TABLE_WIDTH_STEP,
+    HostStep,
+    StepMeta,
+    host_step,
+    sampling_row,
+    table_width,
+)
 from asyncllm.engine.request import Request, blocks_of, computed_of, pending_of, tokens_of
 
 __all__ = ["PersistentBatch"]
@@ -37,7 +44,6 @@ __all__ = ["PersistentBatch"]
 _slot_of = attrgetter("batch_slot")
 _row_of = attrgetter("sample_row")
 _step_of = attrgetter("sample_step")
-_TABLE_WIDTH_STEP = 16  # as `inputs._block_tables`: the row stride kernels specialise on
 
 
 class PersistentBatch:
@@ -51,7 +57,7 @@ class PersistentBatch:
         self._serial = 0
         self._num_blocks = np.zeros(num_slots, np.int64)
         """Leading entries of each block-table row written (the rest are zero)."""
-        self.tables = np.zeros((num_slots, _TABLE_WIDTH_STEP), np.int32)
+        self.tables = np.zeros((num_slots, TABLE_WIDTH_STEP), np.int32)
         self._floats = np.zeros((num_slots, 3), np.float32)
         self._ints = np.zeros((num_slots, 3), np.int64)
         self._prompt_lens = np.zeros(num_slots, np.int64)
@@ -169,23 +175,18 @@ class PersistentBatch:
         changed = np.flatnonzero(num_blocks != written)
         if not len(changed):
             return
-        widest = int(num_blocks.max())
-        if widest > self.tables.shape[1]:
-            width = -(-widest // _TABLE_WIDTH_STEP) * _TABLE_WIDTH_STEP
+        width = table_width(int(num_blocks.max()))
+        if width > self.tables.shape[1]:
             self.tables = np.pad(self.tables, ((0, 0), (0, width - self.tables.shape[1])))
         for row in changed.tolist():
-            slot, count = int(slots[row]), int(num_blocks[row])
-            start = int(written[row])
-            if count < start:  # cannot happen while the key holds: rewrite rather than trust
-                self.tables[slot, :start], start = 0, 0
+            slot, count, start = int(slots[row]), int(num_blocks[row]), int(written[row])
+            assert count > start, "a request lost blocks but kept its slot's key"
             self.tables[slot, start:count] = requests[row].block_ids[start:count]
             self._num_blocks[slot] = count
 
     def _step_tables(self, slots: np.ndarray) -> np.ndarray:
-        """The step's block tables: its rows, as wide as the longest rounded up to 16."""
-        widest = int(self._num_blocks[slots].max(initial=1))
-        width = -(-max(widest, 1) // _TABLE_WIDTH_STEP) * _TABLE_WIDTH_STEP
-        return self.tables[slots, :width]
+        """The step's block tables: its rows, as wide as `table_width` of the longest."""
+        return self.tables[slots, : table_width(int(self._num_blocks[slots].max(initial=1)))]
 
     # ---- per-row inputs ------------------------------------------------------------------
 

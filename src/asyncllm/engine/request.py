@@ -254,12 +254,12 @@ class Request:
         start, end = len(self.pieces), len(self.token_ids) - len(self.prompt_token_ids)
         if start == end:
             return
-        first, push = (
-            len(self.prompt_token_ids),
-            self.detokenizer.push if self.detokenizer else None,
-        )
+        first = len(self.prompt_token_ids)
         outputs = self.token_ids[first + start : first + end]
-        self.pieces.extend(map(push, outputs) if push else [""] * len(outputs))
+        if self.detokenizer is None:
+            self.pieces.extend([""] * len(outputs))
+        else:
+            self.pieces.extend(map(self.detokenizer.push, outputs))
         if self._flush_at_end and self.detokenizer is not None:
             self.pieces[-1] += self.detokenizer.flush(self.token_ids[first:])
 

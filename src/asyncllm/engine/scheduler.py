@@ -134,9 +134,10 @@ class Scheduler:
             if remaining:
                 (decodes if remaining == 1 else prefills).append((req, remaining))
         if self.num_decode_steps > 1 and not prefills and decodes:
-            run = self._run_length([req for req, _ in decodes])
+            reqs = [req for req, _ in decodes]
+            run = self._run_length(reqs)
             if run > 1:
-                return self._schedule_run(step_id, [req for req, _ in decodes], run)
+                return self._schedule_run(step_id, reqs, run)
         # Decodes before prefill chunks, so a long prompt being prefilled cannot starve them.
         for req, remaining in chain(decodes, prefills):
             if req.status is RequestStatus.RUNNING:  # else preempted earlier in this step
