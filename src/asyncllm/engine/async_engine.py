@@ -426,18 +426,16 @@ class AsyncEngine:
         core = self._core
         with core.clock("process"):
             sampled = core.sampled(step, result)
-        for start in range(0, len(sampled), 64):
+        for start in range(0, len(sampled.requests), 64):
             with core.clock("process"):
-                for drawn in sampled[start : start + 64]:
-                    if core.apply(drawn, now):
-                        req = drawn.request
-                        # A reader that waits for the end only is woken by the end.
-                        if req.waiter is not None and (
-                            req.finish_reason is not None or not req.wakes_at_end
-                        ):
-                            self._notify(req)
-                        if req.finish_reason is not None:
-                            self._on_finished(req)
+                for req in core.apply(sampled, start, start + 64, now):
+                    # A reader that waits for the end only is woken by the end.
+                    if req.waiter is not None and (
+                        req.finish_reason is not None or not req.wakes_at_end
+                    ):
+                        self._notify(req)
+                    if req.finish_reason is not None:
+                        self._on_finished(req)
             await anyio.lowlevel.checkpoint()
         with core.clock("process"):
             core.end_step(step)

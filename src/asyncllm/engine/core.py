@@ -40,7 +40,7 @@ from asyncllm.parallel import check_divisible
 from asyncllm.sampling import SamplingParams
 from asyncllm.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL_DIR", "Drawn", "EngineCore", "Prompt"]
+__all__ = ["DEFAULT_MODEL_DIR", "EngineCore", "Prompt", "Sampled"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,14 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-qw
 Prompt = str | Sequence[int]
 
 
-class Drawn(NamedTuple):
-    """The tokens one step drew for one request (more than one from a decode run)."""
+class Sampled(NamedTuple):
+    """What one step drew: a token per request of `requests` and step of the run, listed
+    step by step (the first step's tokens, in the order of `requests`, then the second's)."""
 
-    request: Request
+    requests: list[Request]
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    num_steps: int
 
 
 class EngineCore:
@@ -294,36 +296,55 @@ class EngineCore:
         return SampleSpec(params, req.seed, drawn, banned, req.output_array(),
                           req.distinct_prompt_array(), req.sampling_row)  # fmt: skip
 
-    def sampled(self, step: ScheduledStep, result: StepResult) -> list[Drawn]:
-        """What a completed step drew for each request that sampled, in order (a decode run
-        gives each request its tokens of every step, in order)."""
+    def sampled(self, step: ScheduledStep, result: StepResult) -> Sampled:
+        """What a completed step drew, for `apply` to hand to its requests."""
         self._processed_step_id = step.step_id
-        samplers = [req for req, samples in zip(step.requests, step.samples) if samples]
-        tokens, logprobs, rows = result.token_ids, result.logprobs, len(samplers)
-        if step.num_steps == 1:
-            return [Drawn(req, [t], [lp]) for req, t, lp in zip(samplers, tokens, logprobs)]
-        # The result lists the run step by step: a request's tokens are every rows-th.
-        return [
-            Drawn(req, tokens[row::rows], logprobs[row::rows]) for row, req in enumerate(samplers)
-        ]
+        samplers = list(itertools.compress(step.requests, step.samples))
+        return Sampled(samplers, result.token_ids, result.logprobs, step.num_steps)
 
-    def apply(self, drawn: Drawn, now: float) -> bool:
-        """Give a request the tokens its step drew (as many as its stop rules and limit let
-        it keep); False when it had ended meanwhile."""
-        # Runs for every request every step: attributes read directly, no helper calls.
-        req, tokens = drawn.request, drawn.token_ids
+    def apply(self, sampled: Sampled, start: int, stop: int, now: float) -> list[Request]:
+        """Give requests `start` to `stop` of `sampled` the tokens their step drew (as many
+        as their stop rules and limit let them keep); returns those that took them (the
+        others had ended meanwhile)."""
+        reqs = sampled.requests
+        if sampled.num_steps > 1:
+            return [req for row, req in enumerate(reqs[start:stop], start)
+                    if self._apply_drawn(sampled, row, now)]  # fmt: skip
+        # One token each: the common case, for every request every step, so for requests
+        # without stop strings or logprobs (their text is decoded when read: see
+        # `Request.decodes_lazily`) `_apply_drawn` is inlined, down to `Request.append_one`.
+        taken = []
+        for row, req in enumerate(reqs[start:stop], start):
+            params = req.params
+            if params.stop or params.logprobs is not None:
+                if self._apply_drawn(sampled, row, now):
+                    taken.append(req)
+                continue
+            req.num_pending_tokens -= 1
+            if req.finish_reason is not None:  # aborted or stopped while the step ran
+                continue
+            req.append_one(sampled.token_ids[row], now)
+            self.generated_tokens += 1
+            taken.append(req)
+            if req.finish_reason is not None:
+                self._release_when_idle(req)
+        return taken
+
+    def _apply_drawn(self, sampled: Sampled, row: int, now: float) -> bool:
+        """`apply` of one request, in general (a decode run gives it a token per step, in
+        order; logprobs); False when it had ended meanwhile."""
+        req, rows = sampled.requests[row], len(sampled.requests)
+        # The tokens of a run are listed step by step: a request's are every rows-th.
+        tokens, logprobs = sampled.token_ids[row::rows], sampled.logprobs[row::rows]
         req.num_pending_tokens -= len(tokens)
         if req.finish_reason is not None:  # aborted or stopped while the step ran
             return False
-        before, params = len(req.token_ids), req.params
-        if not params.stop:  # `req.decodes_lazily`
-            if len(tokens) == 1 and params.logprobs is None:
-                req.append_one(tokens[0], now)
-            else:
-                req.append_tokens(tokens, drawn.logprobs, now)
+        before = len(req.token_ids)
+        if req.decodes_lazily:
+            req.append_tokens(tokens, logprobs, now)
         else:
-            for token_id, logprobs in zip(tokens, drawn.logprobs):
-                req.append_token(token_id, logprobs, now)
+            for token_id, token_logprobs in zip(tokens, logprobs):
+                req.append_token(token_id, token_logprobs, now)
                 if req.is_finished:
                     break  # a run's tokens after the stop are dropped
         # max_tokens already respects max_model_len
