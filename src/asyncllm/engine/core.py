@@ -326,7 +326,7 @@ class EngineCore:
             req.append_one(sampled.token_ids[row], now)
             self.generated_tokens += 1
             taken.append(req)
-            if req.finish_reason is not None:
+            if req.is_finished:
                 self._release_when_idle(req)
         return taken
 

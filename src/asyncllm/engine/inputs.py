@@ -510,14 +510,15 @@ def _round_up(value: int, multiple: int) -> int:
 def _pack(parts: dict[str, np.ndarray]) -> np.ndarray:
     """Concatenate `parts` (one dtype), each starting 16-byte aligned: Triton specialises
     kernels on pointer alignment, and misaligned views would recompile them mid-run."""
-    step = _ALIGN_BYTES // next(iter(parts.values())).itemsize
-    sizes = [_round_up(a.size, step) for a in parts.values()]
-    flat = np.zeros(sum(sizes), next(iter(parts.values())).dtype)
-    start = 0
-    for array, size in zip(parts.values(), sizes):
-        flat[start : start + array.size] = array.ravel()
-        start += size
-    return flat
+    arrays = list(parts.values())
+    dtype = arrays[0].dtype
+    step = _ALIGN_BYTES // dtype.itemsize
+    pieces = []
+    for array in arrays:
+        pieces.append(array.ravel())
+        if padding := -array.size % step:
+            pieces.append(np.zeros(padding, dtype))
+    return np.concatenate(pieces, dtype=dtype, casting="unsafe")  # as a slice assignment would
 
 
 _NUM_SAMPLING_ROWS = 3

@@ -38,6 +38,7 @@ from asyncllm.engine.inputs import (
     table_width,
 )
 from asyncllm.engine.request import Request, blocks_of, computed_of, pending_of, tokens_of
+from asyncllm.sampling import SamplingParams
 
 __all__ = ["PersistentBatch"]
 
@@ -52,8 +53,8 @@ class PersistentBatch:
     def __init__(self, num_slots: int, block_size: int) -> None:
         self.block_size = block_size
         self.owners: list[Request | None] = [None] * num_slots
-        self._keys = np.full(num_slots, -1, np.int64)
-        """The key each slot's owner holds (-1: none)."""
+        self._keys = np.full(num_slots, _NO_KEY, np.int64)
+        """The key each slot's owner holds (`_NO_KEY`: none)."""
         self._serial = 0
         self._num_blocks = np.zeros(num_slots, np.int64)
         """Leading entries of each block-table row written (the rest are zero)."""
@@ -62,7 +63,9 @@ class PersistentBatch:
         self._ints = np.zeros((num_slots, 3), np.int64)
         self._prompt_lens = np.zeros(num_slots, np.int64)
         self._min_tokens = np.zeros(num_slots, np.int64)
-        self._penalised = np.zeros(num_slots, bool)
+        self._flags = np.zeros(num_slots, np.int64)
+        """What each slot's sampling values imply for the step (`_SAMPLES` ... `_PENALTIES`),
+        so that a step's flags are one reduction instead of one test per value."""
         self._free = list(range(num_slots - 1, -1, -1))
 
     def pack(self, requests: Sequence[Request], num_steps: int, step_id: int) -> HostStep | None:
@@ -74,32 +77,27 @@ class PersistentBatch:
         (`sample_row`, `sample_step`), which the next step's pending inputs read."""
         n = len(requests)
         slots = self._slots(requests)
-        if self._penalised[slots].any():
+        flags = int(np.bitwise_or.reduce(self._flags[slots]))
+        if flags & _PENALTIES:
             return None
-        self._sync_tables(requests, slots)
+        tables = self._step_tables(requests, slots)
         computed = np.fromiter(map(computed_of, requests), np.int64, n)
         known = np.fromiter(map(len, map(tokens_of, requests)), np.int64, n)
         pending = np.fromiter(map(pending_of, requests), np.int64, n)
         starts = computed - num_steps  # a run's first step computes the first of its tokens
         rows = np.arange(n, dtype=np.int64)
-        ints = self._token_inputs(requests, starts, known, step_id)
-        tables = self._step_tables(slots)
         size = self.block_size
         blocks = tables[rows, starts // size].astype(np.int64)
         drawn = known - self._prompt_lens[slots] + pending - num_steps
         floats, sample_ints = self._floats[slots].T, self._ints[slots].T
-        ints.update(
-            positions=starts,
-            slots=blocks * size + starts % size,
-            logits_indices=rows,
-            top_k=sample_ints[0],
-            seeds=sample_ints[1],
-            offsets=drawn,
-        )
-        ints = _reorder(ints)
-        ints.update(zip(("banned_rows", "banned_tokens"), self._banned(requests, slots, drawn)))
-        seq_lens = starts + 1
-        int32s = {"cu_q": np.arange(n + 1, dtype=np.int32), "seq_lens": seq_lens.astype(np.int32),
+        input_ids, pending_dst, pending_src = self._token_inputs(requests, starts, known, step_id)
+        banned = self._banned(requests, slots, drawn) if flags & _BANS else (_NONE, _NONE)
+        ints = {"input_ids": input_ids, "positions": starts, "slots": blocks * size + starts % size,
+                "logits_indices": rows, "pending_dst": pending_dst, "pending_src": pending_src,
+                "top_k": sample_ints[0], "seeds": sample_ints[1], "offsets": drawn,
+                "banned_rows": banned[0], "banned_tokens": banned[1]}  # fmt: skip
+        seq_lens = (starts + 1).astype(np.int32)
+        int32s = {"cu_q": np.arange(n + 1, dtype=np.int32), "seq_lens": seq_lens,
                   "tables": tables.ravel()}  # fmt: skip
         meta = StepMeta(
             num_seqs=n,
@@ -108,9 +106,9 @@ class PersistentBatch:
             max_seqlen_k=int(seq_lens.max()),
             num_decode_seqs=n,
             num_logprobs=int(sample_ints[2].max(initial=-1)),
-            all_greedy=not (floats[0] > 0.0).any(),
-            any_top_k_top_p=bool((sample_ints[0] > 0).any() or (floats[1] < 1.0).any()),
-            any_min_p=bool((floats[2] > 0.0).any()),
+            all_greedy=not flags & _SAMPLES,
+            any_top_k_top_p=bool(flags & _TOP_K_TOP_P),
+            any_min_p=bool(flags & _MIN_P),
             num_steps=num_steps,
         )
         for row, req in enumerate(requests):
@@ -123,9 +121,10 @@ class PersistentBatch:
         """Each request's slot, giving a slot (filled) to those that hold none of their own."""
         keys = np.fromiter(map(_slot_of, requests), np.int64, len(requests))
         slots = keys % len(self.owners)
-        mine = (keys >= 0) & (self._keys[slots] == keys)
-        for row in np.flatnonzero(~mine).tolist():
-            slots[row] = self._assign(requests[row], requests)
+        mine = self._keys[slots] == keys  # never for -1 (no slot): free slots hold `_NO_KEY`
+        if not mine.all():
+            for row in np.flatnonzero(~mine).tolist():
+                slots[row] = self._assign(requests[row], requests)
         return slots
 
     def _assign(self, req: Request, step: Sequence[Request]) -> int:
@@ -143,7 +142,7 @@ class PersistentBatch:
         self._floats[slot], self._ints[slot] = req.sampling_row.floats, req.sampling_row.ints
         self._prompt_lens[slot] = req.num_prompt_tokens
         self._min_tokens[slot] = req.params.min_tokens
-        self._penalised[slot] = req.params.has_penalties
+        self._flags[slot] = _slot_flags(self._floats[slot], self._ints[slot], req.params)
         req.batch_slot = key
         return slot
 
@@ -162,40 +161,35 @@ class PersistentBatch:
         owner = self.owners[slot]
         if owner is not None and owner.batch_slot == self._keys[slot]:
             owner.batch_slot = -1
-        self.owners[slot], self._keys[slot] = None, -1
+        self.owners[slot], self._keys[slot] = None, _NO_KEY
         self._free.append(slot)
 
     # ---- block tables --------------------------------------------------------------------
 
-    def _sync_tables(self, requests: Sequence[Request], slots: np.ndarray) -> None:
-        """Write into the rows of `slots` the blocks their requests gained since the last
-        step (a request that dropped its blocks has a fresh slot: see `Request.drop_blocks`)."""
+    def _step_tables(self, requests: Sequence[Request], slots: np.ndarray) -> np.ndarray:
+        """The step's block tables (its rows, as wide as `table_width` of the longest), after
+        writing into them the blocks their requests gained since the last step (a request
+        that dropped its blocks has a fresh slot: see `Request.drop_blocks`)."""
         num_blocks = np.fromiter(map(len, map(blocks_of, requests)), np.int64, len(requests))
-        written = self._num_blocks[slots]
-        changed = np.flatnonzero(num_blocks != written)
-        if not len(changed):
-            return
         width = table_width(int(num_blocks.max()))
         if width > self.tables.shape[1]:
             self.tables = np.pad(self.tables, ((0, 0), (0, width - self.tables.shape[1])))
-        for row in changed.tolist():
+        written = self._num_blocks[slots]
+        for row in np.flatnonzero(num_blocks != written).tolist():
             slot, count, start = int(slots[row]), int(num_blocks[row]), int(written[row])
             assert count > start, "a request lost blocks but kept its slot's key"
             self.tables[slot, start:count] = requests[row].block_ids[start:count]
             self._num_blocks[slot] = count
-
-    def _step_tables(self, slots: np.ndarray) -> np.ndarray:
-        """The step's block tables: its rows, as wide as `table_width` of the longest."""
-        return self.tables[slots, : table_width(int(self._num_blocks[slots].max(initial=1)))]
+        return self.tables[slots, :width]
 
     # ---- per-row inputs ------------------------------------------------------------------
 
     @staticmethod
     def _token_inputs(
         requests: Sequence[Request], starts: np.ndarray, known: np.ndarray, step_id: int
-    ) -> dict[str, np.ndarray]:
-        """input_ids (known tokens) and the pending ones: those the step before drew, which
-        the runner copies on the device from that step's rows."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids (known tokens), and the pending ones (pending_dst, pending_src): those
+        the step before drew, which the runner copies on the device from that step's rows."""
         n = len(requests)
         is_pending = starts >= known
         pending_dst = np.flatnonzero(is_pending)
@@ -205,13 +199,13 @@ class PersistentBatch:
             input_ids[rows] = [
                 requests[r].token_ids[s] for r, s in zip(rows, starts[rows].tolist())
             ]
-        pending_src = np.empty(0, np.int64)
-        if len(pending_dst):
-            waiting = [requests[r] for r in pending_dst.tolist()]
-            pending_src = np.fromiter(map(_row_of, waiting), np.int64, len(waiting))
-            last = np.fromiter(map(_step_of, waiting), np.int64, len(waiting))
-            assert (last == step_id - 1).all(), "a pending token skipped a step"
-        return {"input_ids": input_ids, "pending_dst": pending_dst, "pending_src": pending_src}
+        if not len(pending_dst):
+            return input_ids, pending_dst, _NONE
+        waiting = requests if len(pending_dst) == n else [requests[r] for r in pending_dst.tolist()]
+        pending_src = np.fromiter(map(_row_of, waiting), np.int64, len(waiting))
+        last = np.fromiter(map(_step_of, waiting), np.int64, len(waiting))
+        assert (last == step_id - 1).all(), "a pending token skipped a step"
+        return input_ids, pending_dst, pending_src
 
     def _banned(
         self, requests: Sequence[Request], slots: np.ndarray, drawn: np.ndarray
@@ -224,10 +218,27 @@ class PersistentBatch:
         return banned[0], banned[1]
 
 
-_INT_ORDER = ("input_ids", "positions", "slots", "logits_indices", "pending_dst", "pending_src",
-              "top_k", "seeds", "offsets")  # fmt: skip
-"""The int64 parts in `pack_step`'s order (the banned rows and tokens follow)."""
+_NO_KEY = -2
+"""The key of a free slot: no request holds it (one without a slot holds -1)."""
+
+_NONE = np.empty(0, np.int64)
+
+# What a slot's sampling values imply for the step's `StepMeta` (bits of `_flags`).
+_SAMPLES = 1  # temperature > 0: not greedy
+_TOP_K_TOP_P = 2
+_MIN_P = 4
+_BANS = 8  # min_tokens: stop tokens banned until then
+_PENALTIES = 16
 
 
-def _reorder(ints: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: ints[name] for name in _INT_ORDER}
+def _slot_flags(floats: np.ndarray, ints: np.ndarray, params: SamplingParams) -> int:
+    """The `_flags` bits of a slot holding `floats` (temperature, top-p, min-p, as float32,
+    tested as `pack_step` tests them) and `ints` (top-k, ...)."""
+    temperature, top_p, min_p = map(float, floats)
+    return (
+        _SAMPLES * (temperature > 0.0)
+        | _TOP_K_TOP_P * (int(ints[0]) > 0 or top_p < 1.0)
+        | _MIN_P * (min_p > 0.0)
+        | _BANS * (params.min_tokens > 0)
+        | _PENALTIES * params.has_penalties
+    )
