@@ -63,6 +63,8 @@ class Request:
 
     token_ids: list[int] = field(init=False)
     """Prompt followed by the generated tokens."""
+    token_limit: int = field(init=False)
+    """The most tokens it can hold: its prompt's and `max_tokens`."""
     num_computed_tokens: int = 0
     """Tokens whose K/V are in the cache (reset to 0 by preemption)."""
     num_cached_tokens: int = 0
@@ -117,6 +119,7 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.token_limit = len(self.prompt_token_ids) + self.max_tokens
         stop_ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stop_ids |= self.eos_token_ids

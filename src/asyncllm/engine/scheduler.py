@@ -117,6 +117,8 @@ class Scheduler:
         for row in needy:  # a row whose last block is full takes one more (few a step)
             allocated = self.blocks.allocate(running[row], 1)
             assert allocated, "the new blocks were counted before"
+        if not self.waiting:  # nobody to admit: the steady state
+            return self._finalize_decodes(step_id, decodes)
         picked = dict.fromkeys(decodes, 1)
         self._admit(picked, self.max_num_batched_tokens - len(decodes))
         return self._finalize(step_id, picked)
@@ -228,6 +230,15 @@ class Scheduler:
             samples.append(sample)
         return ScheduledStep(step_id, [r for r, _ in order], [c for _, c in order], samples)
 
+    def _finalize_decodes(self, step_id: int, decodes: list[Request]) -> ScheduledStep:
+        """`_finalize` of a step of decodes alone: each computes its last known or pending
+        token and so samples (it has one token left: see `_schedule_decodes`)."""
+        for req in decodes:
+            req.num_computed_tokens += 1
+            req.num_pending_tokens += 1
+            req.last_step_id = step_id
+        return ScheduledStep(step_id, decodes, [1] * len(decodes), [True] * len(decodes))
+
     def after_step(self, step: ScheduledStep) -> None:
         """Register the blocks the finished step filled, so later requests can reuse them."""
         reqs, n = step.requests, len(step.requests)
@@ -254,8 +265,7 @@ def _run_limit(req: Request) -> int:
 
 
 _reason_of = attrgetter("finish_reason")
-_prompt_of = attrgetter("prompt_token_ids")
-_max_tokens_of = attrgetter("max_tokens")
+_limit_of = attrgetter("token_limit")
 _registered_of = attrgetter("num_registered_blocks")
 
 
@@ -264,13 +274,12 @@ def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray]:
     C-level iteration and worked out in a few vectorised operations."""
     n = len(reqs)
     known = np.fromiter(map(len, map(tokens_of, reqs)), np.int64, n)
-    prompt = np.fromiter(map(len, map(_prompt_of, reqs)), np.int64, n)
     pending = np.fromiter(map(pending_of, reqs), np.int64, n)
     computed = np.fromiter(map(computed_of, reqs), np.int64, n)
-    max_tokens = np.fromiter(map(_max_tokens_of, reqs), np.int64, n)
+    limit = np.fromiter(map(_limit_of, reqs), np.int64, n)
     finished = np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
     remaining = known + pending - computed
-    remaining[finished | (known - prompt + pending >= max_tokens)] = 0
+    remaining[finished | (known + pending >= limit)] = 0
     return remaining, computed
 
 
