@@ -22,7 +22,7 @@ from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.inputs import HostStep, _unpack, pack_step
 from asyncllm.engine.persistent_batch import PersistentBatch
-from asyncllm.engine.request import Request
+from asyncllm.engine.request import Counts, Request, read_counts
 from asyncllm.engine.scheduler import ScheduledStep, Scheduler
 from tests.models import all_blocks_unused, random_prompts
 
@@ -53,6 +53,7 @@ class Checked:
 
     def __init__(self) -> None:
         self.fast_steps = 0
+        self.counted_steps = 0
         self.joins = 0
         self.grown_rows = 0
 
@@ -66,9 +67,15 @@ def cross_checked(engine: AsyncEngine) -> Iterator[Checked]:
     pack = core.persistent.pack
     previous: dict[int, int] = {}
 
-    def both(requests: list[Request], num_steps: int, step_id: int) -> HostStep | None:
+    def both(
+        requests: list[Request], num_steps: int, step_id: int, counts: Counts | None = None
+    ) -> HostStep | None:
+        if counts is not None:  # the scheduler's counters are the requests' own
+            for given, read in zip(counts, read_counts(requests)):
+                np.testing.assert_array_equal(given, read)
+            checked.counted_steps += 1
         rows = [(r.sample_row, r.sample_step) for r in requests]
-        fast = pack(requests, num_steps, step_id)
+        fast = pack(requests, num_steps, step_id, counts)
         if fast is None:
             return None
         after = [(r.sample_row, r.sample_step) for r in requests]
@@ -136,6 +143,8 @@ async def test_every_decode_step_packs_as_the_general_path(
         stats = engine.stats()
     assert stats.num_preemptions > 0
     assert checked.fast_steps > 20
+    # Steps whose counters came from the scheduler (checked against the requests' own).
+    assert checked.counted_steps > (10 if num_decode_steps == 1 else 0)
     assert checked.joins > len(engine._core.persistent.owners)  # slots were reused
     assert checked.grown_rows > 0
     assert all_blocks_unused(stats)

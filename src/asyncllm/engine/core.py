@@ -258,7 +258,7 @@ class EngineCore:
         host = None
         if step.num_tokens.count(1) == len(step.num_tokens) and all(step.samples):
             # A decode step (the steady state): packed from the persistent batch's slots.
-            host = self.persistent.pack(step.requests, step.num_steps, step.step_id)
+            host = self.persistent.pack(step.requests, step.num_steps, step.step_id, step.counts)
         if host is None:
             return self.runner.prepare(self._batch(step))
         return self.runner.prepare_packed(host)

@@ -5,7 +5,8 @@ its block table, its sampling values (temperature, top-p, min-p, top-k, seed, lo
 prompt length and min_tokens. A slot is filled when its request first decodes, and then only
 changed where the request changed: the block-table row takes the blocks added since the last
 step (a few rows a step: those that crossed a block boundary). The per-step scalars (computed,
-known and pending token counts) are read from the requests with C-level iteration and turned
+known and pending token counts) are read from the requests with C-level iteration (or taken
+from the scheduler, which read them to schedule the step: `ScheduledStep.counts`) and turned
 into positions, slots, sequence lengths and sampling offsets by vectorised operations. What is
 left in Python per row is the rare case: a request that joins, that gained a block, that is
 under min_tokens, or whose input token is known on the host rather than pending on the device.
@@ -37,7 +38,7 @@ from asyncllm.engine.inputs import (
     sampling_row,
     table_width,
 )
-from asyncllm.engine.request import Request, blocks_of, computed_of, pending_of, tokens_of
+from asyncllm.engine.request import Counts, Request, read_counts
 from asyncllm.sampling import SamplingParams
 
 __all__ = ["PersistentBatch"]
@@ -68,10 +69,17 @@ class PersistentBatch:
         so that a step's flags are one reduction instead of one test per value."""
         self._free = list(range(num_slots - 1, -1, -1))
 
-    def pack(self, requests: Sequence[Request], num_steps: int, step_id: int) -> HostStep | None:
+    def pack(
+        self,
+        requests: Sequence[Request],
+        num_steps: int,
+        step_id: int,
+        counts: Counts | None = None,
+    ) -> HostStep | None:
         """The `HostStep` of a step in which every one of `requests` decodes one token (each
         `num_steps` times in a row) and samples, as `pack_step` would give it; None when
-        some request has penalties (those steps are packed the general way).
+        some request has penalties (those steps are packed the general way). `counts`: the
+        requests' `read_counts`, when the caller has them at hand.
 
         Like the general path, it records in each request the row it samples in
         (`sample_row`, `sample_step`), which the next step's pending inputs read."""
@@ -80,10 +88,8 @@ class PersistentBatch:
         flags = int(np.bitwise_or.reduce(self._flags[slots]))
         if flags & _PENALTIES:
             return None
-        tables = self._step_tables(requests, slots)
-        computed = np.fromiter(map(computed_of, requests), np.int64, n)
-        known = np.fromiter(map(len, map(tokens_of, requests)), np.int64, n)
-        pending = np.fromiter(map(pending_of, requests), np.int64, n)
+        computed, known, pending, num_blocks = counts or read_counts(requests)
+        tables = self._step_tables(requests, slots, num_blocks)
         starts = computed - num_steps  # a run's first step computes the first of its tokens
         rows = np.arange(n, dtype=np.int64)
         size = self.block_size
@@ -166,11 +172,12 @@ class PersistentBatch:
 
     # ---- block tables --------------------------------------------------------------------
 
-    def _step_tables(self, requests: Sequence[Request], slots: np.ndarray) -> np.ndarray:
+    def _step_tables(
+        self, requests: Sequence[Request], slots: np.ndarray, num_blocks: np.ndarray
+    ) -> np.ndarray:
         """The step's block tables (its rows, as wide as `table_width` of the longest), after
         writing into them the blocks their requests gained since the last step (a request
         that dropped its blocks has a fresh slot: see `Request.drop_blocks`)."""
-        num_blocks = np.fromiter(map(len, map(blocks_of, requests)), np.int64, len(requests))
         width = table_width(int(num_blocks.max()))
         if width > self.tables.shape[1]:
             self.tables = np.pad(self.tables, ((0, 0), (0, width - self.tables.shape[1])))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from asyncllm.sampling import SamplingParams
 if TYPE_CHECKING:
     from asyncllm.tokenizer import IncrementalDetokenizer
 
-__all__ = ["Request", "RequestStatus"]
+__all__ = ["Counts", "Request", "RequestStatus", "read_counts"]
 
 
 _NO_BLOCKS = np.empty(0, np.int32)
@@ -406,3 +407,27 @@ tokens_of = attrgetter("token_ids")
 blocks_of = attrgetter("block_ids")
 pending_of = attrgetter("num_pending_tokens")
 computed_of = attrgetter("num_computed_tokens")
+
+
+class Counts(NamedTuple):
+    """Counters of a list of requests, one array entry per request (see `read_counts`)."""
+
+    computed: np.ndarray
+    """`num_computed_tokens`"""
+    known: np.ndarray
+    """`len(token_ids)`"""
+    pending: np.ndarray
+    """`num_pending_tokens`"""
+    num_blocks: np.ndarray
+    """`len(block_ids)`"""
+
+
+def read_counts(reqs: Sequence[Request]) -> Counts:
+    """The `Counts` of `reqs` (a pass over them per counter, C-level)."""
+    n = len(reqs)
+    return Counts(
+        np.fromiter(map(computed_of, reqs), np.int64, n),
+        np.fromiter(map(len, map(tokens_of, reqs)), np.int64, n),
+        np.fromiter(map(pending_of, reqs), np.int64, n),
+        np.fromiter(map(len, map(blocks_of, reqs)), np.int64, n),
+    )

@@ -27,6 +27,7 @@ import numpy as np
 
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.request import (
+    Counts,
     Request,
     RequestStatus,
     blocks_of,
@@ -49,6 +50,9 @@ class ScheduledStep(NamedTuple):
     num_tokens: list[int]
     samples: list[bool]
     num_steps: int = 1
+    counts: Counts | None = None
+    """The requests' counters as this step leaves them, when the scheduler read them anyway
+    (a steady decode step), so that the step's inputs are built without reading them again."""
 
 
 class Scheduler:
@@ -98,7 +102,7 @@ class Scheduler:
         whom the budget lets in, as `_schedule_any` would; None otherwise (a prefill chunk,
         too many decodes for the budget, or a preemption to make)."""
         running = self.running
-        remaining, computed = _remaining_all(running)
+        remaining, known, pending, computed = _remaining_all(running)
         if not len(remaining) or remaining.max() > 1:
             return None
         decodes = list(compress(running, remaining.tolist()))
@@ -117,8 +121,12 @@ class Scheduler:
         for row in needy:  # a row whose last block is full takes one more (few a step)
             allocated = self.blocks.allocate(running[row], 1)
             assert allocated, "the new blocks were counted before"
+            num_blocks[row] = len(running[row].block_ids)
         if not self.waiting:  # nobody to admit: the steady state
-            return self._finalize_decodes(step_id, decodes)
+            rows = remaining > 0
+            # Each decode computes and samples one more token (see `_finalize_decodes`).
+            counts = Counts(computed[rows] + 1, known[rows], pending[rows] + 1, num_blocks[rows])
+            return self._finalize_decodes(step_id, decodes, counts)
         picked = dict.fromkeys(decodes, 1)
         self._admit(picked, self.max_num_batched_tokens - len(decodes))
         return self._finalize(step_id, picked)
@@ -230,14 +238,17 @@ class Scheduler:
             samples.append(sample)
         return ScheduledStep(step_id, [r for r, _ in order], [c for _, c in order], samples)
 
-    def _finalize_decodes(self, step_id: int, decodes: list[Request]) -> ScheduledStep:
+    def _finalize_decodes(
+        self, step_id: int, decodes: list[Request], counts: Counts
+    ) -> ScheduledStep:
         """`_finalize` of a step of decodes alone: each computes its last known or pending
         token and so samples (it has one token left: see `_schedule_decodes`)."""
         for req in decodes:
             req.num_computed_tokens += 1
             req.num_pending_tokens += 1
             req.last_step_id = step_id
-        return ScheduledStep(step_id, decodes, [1] * len(decodes), [True] * len(decodes))
+        ones, yes = [1] * len(decodes), [True] * len(decodes)
+        return ScheduledStep(step_id, decodes, ones, yes, counts=counts)
 
     def after_step(self, step: ScheduledStep) -> None:
         """Register the blocks the finished step filled, so later requests can reuse them."""
@@ -269,9 +280,9 @@ _limit_of = attrgetter("token_limit")
 _registered_of = attrgetter("num_registered_blocks")
 
 
-def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray]:
-    """`_remaining` of every request of `reqs` and their computed-token counts, read with
-    C-level iteration and worked out in a few vectorised operations."""
+def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_remaining` of every request of `reqs`, and their known, pending and computed token
+    counts, read with C-level iteration and worked out in a few vectorised operations."""
     n = len(reqs)
     known = np.fromiter(map(len, map(tokens_of, reqs)), np.int64, n)
     pending = np.fromiter(map(pending_of, reqs), np.int64, n)
@@ -280,7 +291,7 @@ def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray]:
     finished = np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
     remaining = known + pending - computed
     remaining[finished | (known + pending >= limit)] = 0
-    return remaining, computed
+    return remaining, known, pending, computed
 
 
 def _remaining(req: Request) -> int:
