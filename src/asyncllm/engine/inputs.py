@@ -556,12 +556,13 @@ def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
 def _sampling(
     meta: StepMeta, views: dict[str, torch.Tensor], floats: torch.Tensor
 ) -> SamplingTensors:
+    rows = floats.unbind(0)  # one call for every row's view
     penalties = None
-    if len(floats) > _NUM_SAMPLING_ROWS:  # a penalised step (see `pack_step`)
+    if len(rows) > _NUM_SAMPLING_ROWS:  # a penalised step (see `pack_step`)
         penalties = PenaltyTensors(
-            presence=floats[_NUM_SAMPLING_ROWS],
-            frequency=floats[_NUM_SAMPLING_ROWS + 1],
-            repetition=floats[_NUM_SAMPLING_ROWS + 2],
+            presence=rows[_NUM_SAMPLING_ROWS],
+            frequency=rows[_NUM_SAMPLING_ROWS + 1],
+            repetition=rows[_NUM_SAMPLING_ROWS + 2],
             output_rows=views["penalty_output_rows"],
             output_tokens=views["penalty_output_tokens"],
             prompt_rows=views["penalty_prompt_rows"],
@@ -570,10 +571,10 @@ def _sampling(
             pending_src=views["penalty_pending_src"],
         )
     return SamplingTensors(
-        temperatures=floats[0],
+        temperatures=rows[0],
         top_k=views["top_k"],
-        top_p=floats[1],
-        min_p=floats[2],
+        top_p=rows[1],
+        min_p=rows[2],
         seeds=views["seeds"],
         offsets=views["offsets"],
         banned_rows=views["banned_rows"],
