@@ -334,10 +334,9 @@ class EngineCore:
             req.num_pending_tokens -= 1
             if req.finish_reason is not None:  # aborted or stopped while the step ran
                 continue
-            req.append_one(sampled.token_ids[row], now)
-            self.generated_tokens += 1
             taken.append(req)
-            if req.is_finished:
+            self.generated_tokens += 1
+            if req.append_one(sampled.token_ids[row], now):
                 self._release_when_idle(req)
         return taken
 

@@ -242,9 +242,10 @@ class Request:
             self.finish_reason = reason
             self._flush_at_end = True
 
-    def append_one(self, token_id: int, now: float) -> None:
+    def append_one(self, token_id: int, now: float) -> bool:
         """`append_tokens([token_id], None, now)` for a request without logprobs: the
-        common case of every decode step, kept to a few operations."""
+        common case of every decode step, kept to a few operations. True when the token
+        ended the request."""
         self.token_ids.append(token_id)
         self.token_times.append(now)
         generated = len(self.token_ids) - len(self.prompt_token_ids)
@@ -252,6 +253,9 @@ class Request:
             self.finish_reason, self._flush_at_end = "stop", True
         elif generated >= self.max_tokens:
             self.finish_reason, self._flush_at_end = "length", True
+        else:
+            return False
+        return True
 
     def _decode_pending(self) -> None:
         """Decode the text of tokens `append_tokens` recorded and nobody has read yet."""
