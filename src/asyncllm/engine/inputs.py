@@ -530,8 +530,7 @@ def _pack_rows(rows: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
     16-byte aligned, as `_pack` does for its parts (Triton specialises on alignment)."""
     width = len(rows[0])
     out = np.zeros((len(rows), _round_up(max(width, 1), _ALIGN_BYTES // 4)), np.float32)
-    for index, row in enumerate(rows):
-        out[index, :width] = row
+    out[:, :width] = rows
     return out
 
 

@@ -199,16 +199,18 @@ class PersistentBatch:
         the step before drew, which the runner copies on the device from that step's rows."""
         n = len(requests)
         is_pending = starts >= known
-        pending_dst = np.flatnonzero(is_pending)
         input_ids = np.zeros(n, np.int64)
-        if len(pending_dst) < n:
+        if is_pending.all():  # the steady state: every input is the token drawn just before
+            pending_dst, waiting = np.arange(n, dtype=np.int64), requests
+        else:
+            pending_dst = np.flatnonzero(is_pending)
             rows = np.flatnonzero(~is_pending).tolist()
             input_ids[rows] = [
                 requests[r].token_ids[s] for r, s in zip(rows, starts[rows].tolist())
             ]
-        if not len(pending_dst):
-            return input_ids, pending_dst, _NONE
-        waiting = requests if len(pending_dst) == n else [requests[r] for r in pending_dst.tolist()]
+            if not len(pending_dst):
+                return input_ids, pending_dst, _NONE
+            waiting = [requests[r] for r in pending_dst.tolist()]
         pending_src = np.fromiter(map(_row_of, waiting), np.int64, len(waiting))
         last = np.fromiter(map(_step_of, waiting), np.int64, len(waiting))
         assert (last == step_id - 1).all(), "a pending token skipped a step"
