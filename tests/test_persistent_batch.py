@@ -318,7 +318,7 @@ def test_appending_one_token_ends_a_request_as_appending_a_list_of_one_does(
             if req.is_finished:
                 break
             if one:
-                req.append_one(token, 0.0)
+                assert req.append_one(token, 0.0) == req.is_finished  # says when it ended
             else:
                 req.append_tokens([token], None, 0.0)
         ends.append((req.output_token_ids, req.finish_reason, req._flush_at_end, req.token_times))

@@ -88,7 +88,8 @@ class PersistentBatch:
         flags = int(np.bitwise_or.reduce(self._flags[slots]))
         if flags & _PENALTIES:
             return None
-        computed, known, pending, num_blocks = counts or read_counts(requests)
+        counts = counts if counts is not None else read_counts(requests)
+        computed, known, pending, num_blocks = counts
         tables = self._step_tables(requests, slots, num_blocks)
         starts = computed - num_steps  # a run's first step computes the first of its tokens
         rows = np.arange(n, dtype=np.int64)
@@ -98,6 +99,7 @@ class PersistentBatch:
         floats, sample_ints = self._floats[slots].T, self._ints[slots].T
         input_ids, pending_dst, pending_src = self._token_inputs(requests, starts, known, step_id)
         banned = self._banned(requests, slots, drawn) if flags & _BANS else (_NONE, _NONE)
+        # The int64 parts in `pack_step`'s order (the int32 ones likewise).
         ints = {"input_ids": input_ids, "positions": starts, "slots": blocks * size + starts % size,
                 "logits_indices": rows, "pending_dst": pending_dst, "pending_src": pending_src,
                 "top_k": sample_ints[0], "seeds": sample_ints[1], "offsets": drawn,
