@@ -7,6 +7,9 @@ last dimension contiguous; token `n` of sequence `b` sits in page `block_tables[
 PAGE_SIZE]` at row `n % PAGE_SIZE`. Cache addresses are computed in int64, since
 num_blocks * PAGE_SIZE * Hkv * D overflows int32 on a large pool.
 
+The cache holds the compute dtype or float8 e4m3 (unscaled): tiles are converted to q's
+dtype as they are loaded, and values are clamped to float8's range (+-448) when stored.
+
 Softmax runs in base 2: scores are multiplied by `scale * log2(e)` and exponentiated with
 `exp2`. Running maxima start at -1e30 rather than -inf, so a row (or split) that sees no key
 keeps finite state (max -1e30, sum 0) and is written as zeros instead of NaN.
@@ -20,14 +23,27 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "FP8_MAX",
     "decode_reduce_kernel",
     "decode_split_kernel",
     "prefill_kernel",
     "store_kv_kernel",
+    "to_cache",
 ]
 
 # Finite "minus infinity" for running maxima (see the module docstring).
 _NEG_BIG = tl.constexpr(-1.0e30)
+
+FP8_MAX = tl.constexpr(448.0)
+"""float8 e4m3's largest finite value: larger magnitudes are stored as it."""
+
+
+@triton.jit
+def to_cache(x, cache_ptr, KV_FP8: tl.constexpr):
+    """`x` in the cache's dtype (clamped to float8's range first when the cache is float8)."""
+    if KV_FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -48,6 +64,7 @@ def store_kv_kernel(
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One program per token: copy its [Hkv, D] key and value rows to its cache slot."""
     token = tl.program_id(0).to(tl.int64)
@@ -67,8 +84,8 @@ def store_kv_kernel(
     v_off = token * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :]
     k = tl.load(k_ptr + k_off, mask=mask)
     v = tl.load(v_ptr + v_off, mask=mask)
-    tl.store(k_cache_ptr + cache_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + cache_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + cache_off, to_cache(k, k_cache_ptr, KV_FP8), mask=mask)
+    tl.store(v_cache_ptr + cache_off, to_cache(v, v_cache_ptr, KV_FP8), mask=mask)
 
 
 @triton.jit
@@ -144,6 +161,7 @@ def _attend_tile(
         k = tl.load(k_cache_ptr + offs[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
     else:
         k = tl.load(k_cache_ptr + offs[None, :] + dims[:, None])
+    k = k.to(q.dtype)  # a no-op unless the cache is float8
     scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         see = valid[None, :]
@@ -158,6 +176,7 @@ def _attend_tile(
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :])
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
