@@ -255,6 +255,7 @@ class TritonAttention(AttentionBackend):
             BLOCK_N=block_n,
             SINGLE_SPLIT=splits == 1,
             DOT_PRECISION=_dot_precision(q.dtype),
+            FP16_DOTS=_fp16_dots(q, k_cache),
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -312,6 +313,7 @@ class TritonAttention(AttentionBackend):
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             DOT_PRECISION=_dot_precision(q.dtype),
+            FP16_DOTS=_fp16_dots(q, k_cache),
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -356,6 +358,11 @@ class TritonAttention(AttentionBackend):
             tuning.num_warps or num_warps,
             tuning.num_stages or num_stages,
         )
+
+
+def _fp16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernels take q to float16 for their dots (a float8 cache, 16-bit q)."""
+    return k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

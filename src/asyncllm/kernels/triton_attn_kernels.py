@@ -7,8 +7,12 @@ last dimension contiguous; token `n` of sequence `b` sits in page `block_tables[
 PAGE_SIZE]` at row `n % PAGE_SIZE`. Cache addresses are computed in int64, since
 num_blocks * PAGE_SIZE * Hkv * D overflows int32 on a large pool.
 
-The cache holds the compute dtype or float8 e4m3 (unscaled): tiles are converted to q's
-dtype as they are loaded, and values are clamped to float8's range (+-448) when stored.
+The cache holds the compute dtype or float8 e4m3 (unscaled): values are clamped to float8's
+range (+-448) when stored, and tiles are converted to q's dtype as they are loaded. With a
+float8 cache and 16-bit queries (FP16_DOTS) q is taken to float16 first: float8 -> float16 is
+a single conversion, float8 -> bfloat16 is not, and it made the decode kernel 1.3x slower
+(H200; docs/kernels-notes.md). float16 keeps more of q's mantissa than bfloat16; q is
+clamped to float16's range.
 
 Softmax runs in base 2: scores are multiplied by `scale * log2(e)` and exponentiated with
 `exp2`. Running maxima start at -1e30 rather than -inf, so a row (or split) that sees no key
@@ -36,6 +40,15 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 FP8_MAX = tl.constexpr(448.0)
 """float8 e4m3's largest finite value: larger magnitudes are stored as it."""
+_FP16_MAX = tl.constexpr(65504.0)
+
+
+@triton.jit
+def _dot_operand(q, FP16_DOTS: tl.constexpr):
+    """q as the attention dots take it (see FP16_DOTS in the module docstring)."""
+    if FP16_DOTS:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -_FP16_MAX), _FP16_MAX).to(tl.float16)
+    return q
 
 
 @triton.jit
@@ -209,6 +222,7 @@ def decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):
     """One program per (KV head, split, decode row): attend the row's GQA group of queries
     to one contiguous share of its keys.
@@ -234,7 +248,7 @@ def decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + group
     q_off = row * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=(group < GROUP)[:, None], other=0.0)
+    q = _dot_operand(tl.load(q_ptr + q_off, mask=(group < GROUP)[:, None], other=0.0), FP16_DOTS)
 
     m_i = tl.full([GROUP_PAD], _NEG_BIG, tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -352,6 +366,7 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):
     """One program per (query head, virtual query tile): causal varlen attention over the
     paged cache for sequences [first_seq, num_seqs), bottom-right aligned.
@@ -381,7 +396,7 @@ def prefill_kernel(
     dims = tl.arange(0, HEAD_DIM)
     tokens = (q_begin + rows).to(tl.int64)
     q_off = tokens[:, None] * stride_q_tok + head * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_valid[:, None], other=0.0)
+    q = _dot_operand(tl.load(q_ptr + q_off, mask=row_valid[:, None], other=0.0), FP16_DOTS)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
