@@ -24,8 +24,8 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
 def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """`x` in `cache`'s dtype; clamped to float8's range first for a float8 cache (a cast
-    past it gives NaN on some torch builds, while the Triton kernels saturate)."""
+    """`x` in `cache`'s dtype; clamped to float8's range first for a float8 cache, as the
+    Triton stores are (a cast past the range gives NaN on some torch builds)."""
     if cache.dtype == torch.float8_e4m3fn:
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(cache.dtype)
