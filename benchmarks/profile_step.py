@@ -75,7 +75,8 @@ def run(args: argparse.Namespace, eager: bool, model_dir: Path) -> dict[str, obj
     blocks = max(2000, args.batch * (2 * args.context // args.block_size + 2))
     config = EngineConfig(model=str(model_dir), num_kv_blocks=blocks, enforce_eager=eager,
                           max_num_seqs=max(args.batch, 8), block_size=args.block_size,
-                          attention_backend=args.attention_backend)  # fmt: skip
+                          attention_backend=args.attention_backend,
+                          kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     runner = ModelRunner(model_dir, ModelConfig.from_dir(model_dir), config)
     steps = decode_steps(args.batch, args.context, args.block_size, blocks, args.spread)
     for _ in range(3):
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace, eager: bool, model_dir: Path) -> dict[str, obj
     cats = breakdown(prof, 5)
     print(
         f"\n{label}: {step_ms:.3f} ms per step (shape {args.shape}, batch {args.batch}, "
-        f"context {args.context}{' spread' if args.spread else ''}, block {args.block_size})"
+        f"context {args.context}{' spread' if args.spread else ''}, block {args.block_size}, "
+        f"KV cache {args.kv_cache_dtype})"
     )
     for name, row in cats.items():
         print(f"  {name:14s} {row['count']:7.1f} kernels {row['ms']:8.3f} ms")
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1900)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     parser.add_argument("--rows", type=int, default=25, help="kernels to print")
     parser.add_argument("--spread", action="store_true", help="vary contexts in the batch")
     parser.add_argument("--eager", action="store_true", help="also profile eager steps")

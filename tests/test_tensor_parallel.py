@@ -200,6 +200,22 @@ async def test_two_engines_serve_side_by_side_in_one_process(
     assert set(pools[0].pids).isdisjoint(pools[1].pids)
 
 
+async def test_a_float8_cache_gives_two_ranks_the_tokens_of_one(tp_models: dict[str, Path]) -> None:
+    """kv_cache_dtype "fp8" under tensor parallelism: each rank stores its KV heads in
+    float8, and a crowded, preempting, multi-step run gives the greedy tokens of one rank
+    with the same float8 cache."""
+    path, vocab = tp_models["gqa-tied"], TP_CONFIGS["gqa-tied"]["vocab_size"]
+    prompts = random_prompts([60, 7, 88, 31, 45, 12, 70, 19], vocab, seed=21)
+    outputs = {}
+    for size in (1, 2):
+        settings = TIGHT | dict(tensor_parallel_size=size, kv_cache_dtype="fp8")
+        async with AsyncEngine.from_pretrained(str(path), **settings) as engine:
+            outputs[size] = [o.token_ids for o in await engine.generate_many(prompts, GREEDY)]
+            stats = engine.stats()
+        assert stats.num_preemptions > 0
+    assert outputs[2] == outputs[1]
+
+
 # ---- cancellation ----------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from asyncllm.validation import (
     show_bound,
 )
 
-__all__ = ["ATTENTION_BACKEND_NAMES", "EngineConfig"]
+__all__ = ["ATTENTION_BACKEND_NAMES", "KV_CACHE_DTYPES", "EngineConfig"]
 
 ATTENTION_BACKEND_NAMES = ("auto", "torch", "triton", "flash_attn")
 """Valid `EngineConfig.attention_backend` values ("auto" plus `asyncllm.kernels`' registry)."""
@@ -36,6 +36,10 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+"""Valid `EngineConfig.kv_cache_dtype` values ("fp8_e4m3" and torch.float8_e4m3fn are also
+accepted, stored as "fp8")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,13 @@ class EngineConfig:
     """Fraction of GPU memory the engine may use in all (weights, activations, KV pool)."""
     kv_cache_bytes: int | None = None
     """Explicit KV pool size in bytes (default on CPU: 1 GiB); ignored if num_kv_blocks is set."""
+    kv_cache_dtype: str = "auto"
+    """What the KV cache stores: "auto" (the compute dtype) or "fp8" (float8 e4m3: half the
+    bytes of bf16, so twice the tokens in the same memory; decode speed about the same, see
+    docs/benchmarks.md). Keys and values are stored unscaled (scale 1.0, as vLLM does without
+    calibration): values beyond +-448 saturate and those below ~0.002 round to zero, so
+    outputs differ slightly from "auto". Needs the Triton backend on a GPU of compute
+    capability 8.9 or newer, or the torch reference (any device)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of earlier requests that share a prompt prefix."""
     attention_backend: str = "auto"
@@ -118,6 +129,7 @@ class EngineConfig:
         self._normalise("model", _model_path)
         self._normalise("device", _device_name)
         self._normalise("dtype", _dtype_name)
+        self._normalise("kv_cache_dtype", _kv_cache_dtype_name)
         for name in (
             "max_num_seqs",
             "max_num_batched_tokens",
@@ -198,6 +210,12 @@ class EngineConfig:
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
 
+    def kv_torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the KV cache stores on `device` (the compute dtype unless "fp8")."""
+        if self.kv_cache_dtype == "fp8":
+            return torch.float8_e4m3fn
+        return self.torch_dtype(device)
+
 
 def _model_path(value: object) -> str | None:
     if value is None:
@@ -236,6 +254,16 @@ def _dtype_name(value: object) -> str:
     if isinstance(value, str) and (value == "auto" or value in _DTYPES):
         return value
     raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {value!r}")
+
+
+def _kv_cache_dtype_name(value: object) -> str:
+    if value in ("fp8_e4m3", torch.float8_e4m3fn):
+        return "fp8"
+    if isinstance(value, str) and value in KV_CACHE_DTYPES:
+        return value
+    raise ConfigError(
+        f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)} (or 'fp8_e4m3'), got {value!r}"
+    )
 
 
 def _bounded_int(name: str, maximum: int, minimum: int = 1) -> Callable[[object], int]:

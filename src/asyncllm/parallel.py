@@ -48,6 +48,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "PEER_ALL_REDUCE_MAX_BYTES",
+    "PEER_TWO_SHOT_MIN_BYTES",
     "Groups",
     "PeerAllReduce",
     "TPGroup",
@@ -69,6 +70,10 @@ CONNECT_TIMEOUT_S = 600.0
 PEER_ALL_REDUCE_MAX_BYTES = 4 * 2**20
 """Largest sum `PeerAllReduce` takes; larger ones go to NCCL. One-shot still beats NCCL
 there on two H200s: 35 against 44 us in a CUDA graph (docs/benchmarks.md)."""
+PEER_TWO_SHOT_MIN_BYTES = 2 * 2**20
+"""Peer sums of at least this many bytes go two-shot. Two H200s, in a CUDA graph: 2 MiB
+19.4 us two-shot against 21.4 one-shot, 4 MiB 27.0 against 35.0; at 512 KiB and below
+one-shot is faster (11.1 against 12.8 us) (docs/benchmarks.md)."""
 
 logger = logging.getLogger("asyncllm.parallel")
 
@@ -105,14 +110,22 @@ class PeerAllReduce:
 
     Every rank's `buffer` is mapped into the others' address space; one kernel per rank
     copies its input in, meets the others at a barrier in device memory, and adds up every
-    rank's buffer in rank order (so all ranks get the same bits). Nothing goes through the
-    host, and the kernel captures into CUDA graphs like any other.
+    rank's buffer in rank order (so all ranks get the same bits). Sums from `two_shot_bytes`
+    up go two-shot: each rank adds up its share of every buffer, then gathers the others'
+    shares (the same bits on every rank too). Nothing goes through the host, and the kernels
+    capture into CUDA graphs like any other.
     """
 
-    def __init__(self, buffer: torch.Tensor, group_name: str) -> None:
+    def __init__(
+        self, buffer: torch.Tensor, group_name: str, two_shot_bytes: int | None = None
+    ) -> None:
         self.buffer = buffer
         """Bytes of symmetric memory, rendezvoused under `group_name`."""
         self.group_name = group_name
+        self.two_shot_bytes = two_shot_bytes
+        """Sums of at least this many bytes go two-shot (each rank reduces its share, then
+        every rank gathers the shares: half the bytes over the links of a one-shot sum);
+        None: always one-shot."""
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Whether this sum is one for peer memory (small, contiguous, a float type)."""
@@ -126,6 +139,12 @@ class PeerAllReduce:
         """The sum of `tensor` over the ranks, as a new tensor."""
         size = tensor.numel() * tensor.element_size()
         staging = self.buffer[:size].view(tensor.dtype).view(tensor.shape)
+        if self.two_shot_bytes is not None and size >= self.two_shot_bytes:
+            staging.copy_(tensor)
+            summed: torch.Tensor = _symm_ops().two_shot_all_reduce_out(
+                staging, "sum", self.group_name, torch.empty_like(tensor)
+            )
+            return summed
         out: torch.Tensor = _symm_ops().one_shot_all_reduce_copy(
             staging, tensor, "sum", self.group_name
         )
@@ -335,7 +354,8 @@ def _map_peer_buffer(tp: TPGroup, store: Any) -> PeerAllReduce:
     group = dist.ProcessGroup(store, tp.rank, tp.world_size)
     group._set_group_name(name)
     _c10d._register_process_group(name, group)
-    peer = PeerAllReduce(torch.empty(0), name)  # unregisters the name if what follows fails
+    # Unregisters the name if what follows fails.
+    peer = PeerAllReduce(torch.empty(0), name, two_shot_bytes=PEER_TWO_SHOT_MIN_BYTES)
     try:
         # A fresh allocation, not symm_mem.empty's pool: a pooled block freed by an earlier
         # engine comes back mapped to that engine's (gone) peers.

@@ -89,6 +89,43 @@ async def test_float32_greedy_matches_transformers(gpu_model_dir: Path, overlap:
     assert ours == want
 
 
+async def test_a_float8_cache_gives_triton_and_the_torch_reference_the_same_tokens(
+    gpu_model_dir: Path,
+) -> None:
+    """float32 compute over a float8 KV cache: the Triton kernels (in CUDA graphs, K/V
+    stored by the fused q/k kernel) and the torch reference read the same float8 values, so
+    crowded, chunked, prefix-sharing and preempted runs give identical greedy tokens."""
+    shared = prompts_of(1, 2048, seed=5, max_len=80)[0]
+    prompts = [shared + p for p in prompts_of(24, 2048, seed=6, max_len=120)]
+    outputs = {}
+    for backend in ("triton", "torch"):
+        engine = engine_for(
+            gpu_model_dir, dtype="float32", kv_cache_dtype="fp8", attention_backend=backend,
+            num_kv_blocks=48, block_size=16, max_num_batched_tokens=256, max_model_len=256,
+        )  # fmt: skip
+        async with engine:
+            outs = await engine.generate_many(prompts, SamplingParams(temperature=0, max_tokens=40))
+            runner, stats = engine._core.runner, engine.stats()
+            assert runner is not None and runner.kv_cache.dtype == torch.float8_e4m3fn
+            assert (runner.graphs is not None) == (backend == "triton")
+        assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+        outputs[backend] = [o.token_ids for o in outs]
+    assert outputs["triton"] == outputs["torch"]
+
+
+async def test_a_float8_cache_holds_twice_the_bfloat16_tokens(gpu_model_dir: Path) -> None:
+    blocks = {}
+    for kv in ("auto", "fp8"):
+        engine = engine_for(gpu_model_dir, num_kv_blocks=None, kv_cache_bytes=256 << 20,
+                            dtype="bfloat16", kv_cache_dtype=kv)  # fmt: skip
+        async with engine:
+            out = await engine.generate([1, 2, 3], SamplingParams(max_tokens=16, ignore_eos=True))
+            assert len(out.token_ids) == 16
+            blocks[kv] = engine.stats().kv_blocks_total
+            assert engine.stats().attention_backend == "triton"
+    assert blocks["fp8"] == 2 * blocks["auto"]
+
+
 async def test_embedded_model_matches_transformers_in_float32() -> None:
     reference = load_reference(TINY_MODEL_DIR).cuda()
     async with AsyncEngine.from_pretrained(None, device="cuda", dtype="float32") as engine:

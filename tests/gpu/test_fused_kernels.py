@@ -10,6 +10,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from asyncllm.kernels import triton_fused as fused
+from asyncllm.kernels.torch_ref import to_cache_dtype
 from asyncllm.kernels.triton_sampling import gumbel_argmax
 from asyncllm.layers.rotary import RotaryEmbedding, _rotate
 from asyncllm.layers.sampler import Sampler, SamplingTensors
@@ -93,6 +94,34 @@ def test_qk_norm_rope_writes_k_and_v_to_their_cache_slots(
     untouched[slots[real]] = False
     assert torch.equal(flat_k[untouched], before_k.view(-1, kv_heads, dim)[untouched])
     assert torch.equal(flat_v[untouched], before_v.view(-1, kv_heads, dim)[untouched])
+
+
+@pytest.mark.parametrize("tokens", [19, 70])
+def test_qk_norm_rope_writes_a_float8_cache_as_torch_rounds_it(tokens: int) -> None:
+    """A float8 cache gets each rotated k and v clamped to +-448 and rounded as torch's cast
+    does (the bf16 value, then float8); padding slots and other slots are untouched."""
+    heads, kv_heads, dim, page, blocks = 16, 8, 128, 16, 40
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    qkv[0, (heads + kv_heads) * dim :] *= 1000  # v of token 0 beyond float8's range
+    qw, kw = (torch.randn(dim, device="cuda", dtype=torch.bfloat16) * 30 for _ in "qk")
+    rotary = RotaryEmbedding(dim, 4096, 1e6).cuda()
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    slots = torch.randperm(blocks * page, device="cuda")[:tokens]
+    slots[5] = -1
+    shape = (2, blocks, page, kv_heads, dim)
+    k_cache, v_cache = torch.randn(shape, device="cuda").to(torch.float8_e4m3fn)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    args = (qkv, heads, kv_heads, dim, qw, kw, 1e-6, rotary.cos, rotary.sin, positions)
+    _, want_k = fused.qk_norm_rope(*args)
+    fused.qk_norm_rope(*args, kv_cache=(k_cache, v_cache, slots))
+    v = qkv[:, (heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim)
+    real = slots >= 0
+    for cache, before, new in ((k_cache, before_k, want_k), (v_cache, before_v, v)):
+        expected = before.view(-1, kv_heads, dim).clone()
+        expected[slots[real]] = to_cache_dtype(new[real], cache)
+        assert torch.equal(cache.view(torch.uint8).view(-1, kv_heads, dim),
+                           expected.view(torch.uint8))  # fmt: skip
+    assert v_cache.view(-1, kv_heads, dim)[slots[0]].float().abs().max() == 448.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -76,8 +76,10 @@ from asyncllm import LLM
 from tests.gpu.test_tp_gpu import GREEDY, prompts_of
 
 def run(**overrides):
+    # Prefill chunks of 3,000 tokens: sums of 3 MB, which peer memory takes two-shot.
     with LLM(sys.argv[1], device="cuda", dtype="float32", tensor_parallel_size=2,
-             num_kv_blocks=2048, max_num_seqs=64, **overrides) as llm:
+             num_kv_blocks=2048, max_num_seqs=64, max_num_batched_tokens=3000,
+             **overrides) as llm:
         tokens = [o.token_ids for o in llm.generate(prompts_of(48, seed=3), GREEDY)]
         return tokens, llm.engine._core.runner.tp.peer is not None
 
@@ -102,7 +104,8 @@ def peer_runs(tp_model_dir: Path) -> dict[str, Any]:
 
 def test_sums_over_peer_memory_give_the_same_tokens_as_nccl(peer_runs: dict[str, Any]) -> None:
     """Two H200s of one host reach each other's memory: decode steps' sums (up to 64 x 256
-    floats) go over it, prefill chunks' over NCCL; in float32 both round once."""
+    floats) go over it one-shot, prefill chunks' (3,000 x 256 floats, 3 MB) two-shot; in
+    float32 every path rounds once."""
     assert peer_runs["first_peer"] and not peer_runs["nccl_peer"]
     assert peer_runs["first"] == peer_runs["nccl"]
 

@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("triton")
 
 from asyncllm.context import ForwardContext
-from asyncllm.kernels.torch_ref import TorchAttention
+from asyncllm.kernels.torch_ref import TorchAttention, to_cache_dtype
 from asyncllm.kernels.triton_attn import (
     DecodeTuning,
     PrefillTuning,
@@ -35,7 +35,10 @@ from asyncllm.kernels.triton_attn import (
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 _TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-"""Allowed ‖out − ref‖ / ‖ref‖ and max |out − ref| / max |ref| per input dtype."""
+"""Allowed ‖out − ref‖ / ‖ref‖ and max |out − ref| / max |ref| per input dtype (with a
+float8 cache too: the reference reads the same float8 values, upcast)."""
+
+FP8 = torch.float8_e4m3fn
 
 
 @dataclass
@@ -67,10 +70,12 @@ def make_case(
     device: str = "cuda",
     seed: int = 0,
     table_width: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> Case:
     """A step with decodes of the given KV lengths, `num_padding` padding decode rows, then
     prefill chunks given as (cached prefix, new tokens), then `num_trailing` tokens of no
-    sequence (fixed-size padding); physical blocks are shuffled."""
+    sequence (fixed-size padding); physical blocks are shuffled. The cache holds `kv_dtype`
+    (None: `dtype`)."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = list(decode_lens) + [0] * num_padding + [p + n for p, n in prefills]
     q_lens = [1] * (len(decode_lens) + num_padding) + [n for _, n in prefills]
@@ -102,7 +107,7 @@ def make_case(
     q = qkv[:, :num_heads]
     k = qkv[:, num_heads : num_heads + num_kv_heads]
     v = qkv[:, num_heads + num_kv_heads :]
-    kv_cache = randn(2, num_blocks, page_size, num_kv_heads, head_dim)
+    kv_cache = randn(2, num_blocks, page_size, num_kv_heads, head_dim).to(kv_dtype or dtype)
     cu_q = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
     cu_q[1:] = torch.tensor(q_lens).cumsum(0)
     real_rows = torch.tensor([s >= 0 for s in slots], device=device)
@@ -134,7 +139,10 @@ def reference(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     wide = torch.float64 if case.q.dtype == torch.float32 else torch.float32
     k_cache, v_cache = case.k_cache.to(wide), case.v_cache.to(wide)
-    q, k, v = case.q.to(wide), case.k.to(wide), case.v.to(wide)
+    q = case.q.to(wide)
+    # What the cache will hold (rounded to float8 for a float8 cache), upcast.
+    k = to_cache_dtype(case.k, case.k_cache).to(wide)
+    v = to_cache_dtype(case.v, case.v_cache).to(wide)
     out = torch.zeros_like(q)
     ctx = case.ctx
     cu_q, seq_lens = ctx.cu_seqlens_q.tolist(), ctx.seq_lens_k.tolist()
@@ -178,7 +186,8 @@ def run_and_check(case: Case, backend: TritonAttention | None = None) -> float:
     backend.forward_into(
         out, case.ctx, case.q, case.k, case.v, case.k_cache, case.v_cache, case.scale
     )
-    # store_kv: the mapped slots hold the new K/V (exactly), every other slot is unchanged.
+    # store_kv: the mapped slots hold the new K/V (exactly, in the cache's dtype), every
+    # other slot is unchanged.
     assert torch.equal(case.k_cache.to(want_k.dtype), want_k)
     assert torch.equal(case.v_cache.to(want_v.dtype), want_v)
 
@@ -210,10 +219,16 @@ def _log_error(case: Case, norm_err: float, max_err: float) -> None:
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"), [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, FP8)]
+)
 @pytest.mark.parametrize("page_size", [16, 256])
-def test_store_kv_writes_exactly_the_mapped_slots(dtype: torch.dtype, page_size: int) -> None:
-    """Mapped slots get the new K/V, padding slots (-1) and all other slots stay as they were."""
+def test_store_kv_writes_exactly_the_mapped_slots(
+    dtype: torch.dtype, kv_dtype: torch.dtype | None, page_size: int
+) -> None:
+    """Mapped slots get the new K/V (in the cache's dtype: a float8 cache holds them clamped
+    and rounded as torch casts them), padding slots (-1) and all other slots stay as they
+    were."""
 
     case = make_case(
         [5, 40],
@@ -223,15 +238,18 @@ def test_store_kv_writes_exactly_the_mapped_slots(dtype: torch.dtype, page_size:
         dtype=dtype,
         num_kv_heads=8,
         head_dim=128,
+        kv_dtype=kv_dtype,
     )
+    case.k[0] *= 1000  # beyond float8's range
     before_k, before_v = case.k_cache.clone(), case.v_cache.clone()
     triton_store_kv(case.k, case.v, case.k_cache, case.v_cache, case.ctx.slot_mapping)
     keep = case.ctx.slot_mapping >= 0
     slots = case.ctx.slot_mapping[keep]
     for cache, before, new in ((case.k_cache, before_k, case.k), (case.v_cache, before_v, case.v)):
         expected = before.view(-1, *before.shape[2:]).clone()
-        expected[slots] = new[keep]
-        assert torch.equal(cache.view(-1, *cache.shape[2:]), expected)
+        expected[slots] = to_cache_dtype(new[keep], cache)
+        got = cache.view(-1, *cache.shape[2:])
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
 
 # ---- attention over many shapes ------------------------------------------------------------
@@ -310,6 +328,61 @@ def test_matches_reference_in_bfloat16(
         page_size=page_size,
     )
     run_and_check(case)
+
+
+_FP8_SHAPES = ["decode-1x8192", "decode-7-padding", "decode-256-random", "prefill-varlen",
+               "prefix-hits-random", "mixed-random"]  # fmt: skip
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    ("decode_lens", "prefills", "num_padding"),
+    [s[1:] for s in _SHAPES if s[0] in _FP8_SHAPES],
+    ids=[s[0] for s in _SHAPES if s[0] in _FP8_SHAPES],
+)
+@pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(8, 2, 128), (1, 8, 128)])
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference_with_a_float8_cache(
+    decode_lens: list[int],
+    prefills: list[tuple[int, int]],
+    num_padding: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+) -> None:
+    """kv_cache_dtype "fp8": the new K/V are stored rounded to float8 (bit for bit as torch
+    rounds them), and attention over the float8 cache matches the reference reading the
+    same values."""
+    case = make_case(
+        decode_lens,
+        prefills,
+        num_padding=num_padding,
+        num_kv_heads=num_kv_heads,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype=dtype,
+        kv_dtype=FP8,
+    )
+    run_and_check(case)
+
+
+@pytest.mark.gpu
+def test_a_float8_cache_needs_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert TritonAttention.unsupported_reason(cuda, 16, 128, bf16) is None
+    reason = TritonAttention.unsupported_reason(cuda, 16, 128, bf16, FP8)
+    assert reason == "a float8 KV cache needs compute capability 8.9 or newer"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert TritonAttention.unsupported_reason(cuda, 16, 128, bf16, FP8) is None
+    reason = TritonAttention.unsupported_reason(cuda, 16, 128, bf16, torch.float16)
+    assert reason is not None and "not supported" in reason
 
 
 @pytest.mark.gpu

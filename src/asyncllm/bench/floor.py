@@ -109,10 +109,11 @@ def prefill_flops(config: dict[str, Any], prompt_lens: Sequence[int]) -> int:
 def workload_floor(
     config: dict[str, Any], prompt_lens: Sequence[int], output_lens: Sequence[int], *,
     dtype_bytes: int, max_batched_tokens: int, copy_bytes_per_s: float,
-    matmul_flop_per_s: float,
+    matmul_flop_per_s: float, kv_dtype_bytes: int | None = None,
 ) -> WorkloadFloor:  # fmt: skip
     """The floor of generating `output_lens` tokens after `prompt_lens` with the model of
-    `config` (a config.json dict) on a device with these rates."""
+    `config` (a config.json dict) on a device with these rates; weights of `dtype_bytes`,
+    a KV cache of `kv_dtype_bytes` (None: the same)."""
     if len(prompt_lens) != len(output_lens) or not output_lens:
         raise ConfigError(
             f"workload_floor needs one output length per prompt, got {len(prompt_lens)} "
@@ -121,11 +122,13 @@ def workload_floor(
     for name, value in (("copy_bytes_per_s", copy_bytes_per_s),
                         ("matmul_flop_per_s", matmul_flop_per_s),
                         ("max_batched_tokens", max_batched_tokens),
-                        ("dtype_bytes", dtype_bytes)):  # fmt: skip
+                        ("dtype_bytes", dtype_bytes),
+                        ("kv_dtype_bytes", kv_dtype_bytes or dtype_bytes)):  # fmt: skip
         if not value > 0:
             raise ConfigError(f"workload_floor: {name} must be positive, got {value!r}")
     cfg = ModelConfig.from_dict(config)
-    kv_read = kv_bytes_per_token(cfg, dtype_bytes) * decode_context_tokens(prompt_lens, output_lens)
+    kv_bytes = kv_bytes_per_token(cfg, kv_dtype_bytes or dtype_bytes)
+    kv_read = kv_bytes * decode_context_tokens(prompt_lens, output_lens)
     weights = weight_bytes_per_step(config, dtype_bytes)
     steps = max(output_lens) + math.ceil(sum(prompt_lens) / max_batched_tokens)
     flops = prefill_flops(config, prompt_lens)

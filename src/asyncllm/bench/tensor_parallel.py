@@ -378,11 +378,16 @@ def probe_rank(settings: dict[str, Any]) -> None:
 
 def _allreduce_times(tp: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Each path's time per all-reduce, for one decode step's hidden states at a few batch
-    sizes: NCCL always, and peer memory when this machine has it."""
+    sizes: NCCL always, and peer memory (one-shot and two-shot) when this machine has it."""
+    from asyncllm.parallel import PeerAllReduce
+
     hidden, calls = settings["hidden"], 2 * settings["layers"]
     paths = {"nccl": dataclasses.replace(tp, peer=None)}
     if tp.peer is not None:
         paths["peer"] = tp
+        # The same mapped buffer, every sum two-shot (closed with `tp`'s own).
+        two_shot = PeerAllReduce(tp.peer.buffer, tp.peer.group_name, two_shot_bytes=0)
+        paths["peer_two_shot"] = dataclasses.replace(tp, peer=two_shot)
     out: dict[str, Any] = {"calls_per_step": calls, "peer_available": tp.peer is not None}
     for batch in (1, 8, 64, 256, 512):
         for name, group in paths.items():
@@ -390,7 +395,10 @@ def _allreduce_times(tp: Any, settings: dict[str, Any]) -> dict[str, Any]:
                            device="cuda")  # fmt: skip
             if group.peer is not None and not group.peer.fits(x):
                 continue  # NCCL's, whichever path is asked for
-            out[f"{name}_batch{batch}"] = _path_times(group, x, calls)
+            try:
+                out[f"{name}_batch{batch}"] = _path_times(group, x, calls)
+            except Exception as exc:  # a path this torch build lacks: say so, go on
+                out[f"{name}_batch{batch}"] = {"error": repr(exc)}
     return out
 
 

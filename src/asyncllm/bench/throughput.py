@@ -44,7 +44,7 @@ from asyncllm.bench.peers import (
     parse_peers,
     run_peers,
 )
-from asyncllm.config import ATTENTION_BACKEND_NAMES
+from asyncllm.config import ATTENTION_BACKEND_NAMES, KV_CACHE_DTYPES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
 
@@ -98,6 +98,7 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
     overrides: dict[str, Any] = {
         "enforce_eager": args.enforce_eager,
         "attention_backend": args.attention_backend,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     if args.block_size:
         overrides["block_size"] = args.block_size
@@ -135,6 +136,7 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
         result["cuda_graphs"] = runner.graphs is not None
         result["device_type"] = runner.device.type
         result["dtype"] = str(runner.dtype).removeprefix("torch.")
+        result["kv_cache_dtype"] = str(runner.kv_dtype).removeprefix("torch.")
         result["max_num_batched_tokens"] = engine.config.max_num_batched_tokens
         if torch.cuda.is_available():
             result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -215,6 +217,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="KV block size (default: 0, the engine's default)")  # fmt: skip
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKEND_NAMES,
                    help="attention kernels to use (default: auto)")  # fmt: skip
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="what the KV cache stores (default: auto, the compute dtype; "
+                        "peers keep theirs)")  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--num-decode-steps", type=int, default=0,
                    help="decode steps per launch (default: 0, the engine's default)")  # fmt: skip
@@ -334,8 +339,10 @@ def _floor(config: dict[str, Any], prompts: list[list[int]], outputs: list[int],
     """The workload's floor on this device, with both rates measured now."""
     device = torch.device(result["device_type"])
     dtype = getattr(torch, result["dtype"])
+    kv_dtype = getattr(torch, result["kv_cache_dtype"])
     floor = workload_floor(
         config, [len(p) for p in prompts], outputs, dtype_bytes=dtype.itemsize,
+        kv_dtype_bytes=kv_dtype.itemsize,
         max_batched_tokens=result["max_num_batched_tokens"],
         copy_bytes_per_s=measure_copy_bandwidth(device),
         matmul_flop_per_s=measure_matmul_rate(device, dtype),

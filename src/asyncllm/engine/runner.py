@@ -104,6 +104,7 @@ class ModelRunner:
         self.tp = tp or TPGroup()
         self.device = self.tp.device or config.torch_device()
         self.dtype = config.torch_dtype(self.device)
+        self.kv_dtype = config.kv_torch_dtype(self.device)
         self.block_size = config.block_size
         cuda = self.device.type == "cuda"
         self.stream = _new_stream(self.device) if cuda else None
@@ -126,6 +127,7 @@ class ModelRunner:
                 self.block_size,
                 model_config.head_dim,
                 self.dtype,
+                kv_dtype=self.kv_dtype,
             )
             self.sampler = Sampler()
             self.graphs: DecodeGraphs | None = None
@@ -181,13 +183,13 @@ class ModelRunner:
         """Bytes one block takes on this rank across all layers, keys and values."""
         cfg = self.model_config
         per_token = 2 * cfg.num_hidden_layers * self.num_kv_heads * cfg.head_dim
-        return per_token * self.block_size * self.dtype.itemsize
+        return per_token * self.block_size * self.kv_dtype.itemsize
 
     def _bind_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
         shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size,
                  self.num_kv_heads, cfg.head_dim)  # fmt: skip
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for index, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, index], self.kv_cache[1, index]

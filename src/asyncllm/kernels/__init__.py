@@ -61,9 +61,15 @@ class BackendChoice(NamedTuple):
 
 
 def choose_attention_backend(
-    name: str, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+    name: str,
+    device: torch.device,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype | None = None,
 ) -> BackendChoice:
-    """Resolve `name` ("auto" or a registry name) for this device and model shape.
+    """Resolve `name` ("auto" or a registry name) for this device and model shape;
+    `kv_dtype` is what the KV cache stores (None: `dtype`).
 
     "auto" takes the fastest backend measured for (block_size, head_dim) on CUDA, or
     Triton where nothing was measured, skipping any that cannot run here; off CUDA it is the
@@ -73,8 +79,9 @@ def choose_attention_backend(
         ConfigError: for an unknown name, or a named backend that cannot serve this
             configuration (the message lists every reason).
     """
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     if name == "auto":
-        return _choose_auto(device, block_size, head_dim, dtype)
+        return _choose_auto(device, block_size, head_dim, dtype, kv_dtype)
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(
             f"unknown attention_backend {name!r}; "
@@ -84,26 +91,32 @@ def choose_attention_backend(
         backend = _load(name)
     except ImportError as exc:
         raise ConfigError(f"attention_backend {name!r} cannot be imported: {exc}") from exc
-    reason = backend.unsupported_reason(device, block_size, head_dim, dtype)
+    reason = backend.unsupported_reason(device, block_size, head_dim, dtype, kv_dtype)
     if reason is not None:
+        cache = "" if kv_dtype == dtype else f", KV cache {kv_dtype}"
         raise ConfigError(
             f"attention_backend {name!r} cannot serve this model (block_size {block_size}, "
-            f"head_dim {head_dim}, {dtype}, {device}): {reason}"
+            f"head_dim {head_dim}, {dtype}{cache}, {device}): {reason}"
         )
     return BackendChoice(name, "asked for in EngineConfig.attention_backend")
 
 
 def create_attention_backend(
-    name: str, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+    name: str,
+    device: torch.device,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
     """Instantiate the backend `choose_attention_backend` picks, logging the choice and why."""
-    choice = choose_attention_backend(name, device, block_size, head_dim, dtype)
+    choice = choose_attention_backend(name, device, block_size, head_dim, dtype, kv_dtype)
     logger.info("attention backend: %s (%s)", choice.name, choice.reason)
     return _load(choice.name)()
 
 
 def _choose_auto(
-    device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+    device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype
 ) -> BackendChoice:
     order, why = _auto_order(device, block_size, head_dim)
     skipped: list[str] = []
@@ -112,7 +125,7 @@ def _choose_auto(
         reason = (
             "it does not import"
             if backend is None
-            else backend.unsupported_reason(device, block_size, head_dim, dtype)
+            else backend.unsupported_reason(device, block_size, head_dim, dtype, kv_dtype)
         )
         if reason is None:
             if skipped:

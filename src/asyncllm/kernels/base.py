@@ -21,7 +21,8 @@ class AttentionBackend(ABC):
 
     - `q` is [T, Hq, D]; `k` and `v` are [T, Hkv, D]: this step's tokens in the context's
       order (decodes first). Hq is a multiple of Hkv (grouped-query attention).
-    - `k_cache` / `v_cache` are [num_blocks, block_size, Hkv, D]. The backend first writes
+    - `k_cache` / `v_cache` are [num_blocks, block_size, Hkv, D], in q's dtype or float8
+      e4m3 (`EngineConfig.kv_cache_dtype`, stored unscaled). The backend first writes
       `k` / `v` to the slots in `ctx.slot_mapping` (negative slots are padding: skipped);
       `k` and `v` None means they are in the cache already (a fused kernel before the
       attention wrote them, which saves a launch per layer).
@@ -39,9 +40,15 @@ class AttentionBackend(ABC):
 
     @classmethod
     def unsupported_reason(
-        cls, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+        cls,
+        device: torch.device,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        kv_dtype: torch.dtype | None = None,
     ) -> str | None:
-        """Why this backend cannot run that configuration, or None when it can."""
+        """Why this backend cannot run that configuration (compute `dtype`, a KV cache of
+        `kv_dtype`, None meaning `dtype`), or None when it can."""
         return None
 
     def build_metadata(self, ctx: ForwardContext) -> Any:

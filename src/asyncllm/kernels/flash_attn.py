@@ -74,7 +74,12 @@ class FlashAttention(AttentionBackend):
 
     @classmethod
     def unsupported_reason(
-        cls, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+        cls,
+        device: torch.device,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        kv_dtype: torch.dtype | None = None,
     ) -> str | None:
         """Every reason this configuration cannot run (joined by "; "), or None.
 
@@ -83,6 +88,11 @@ class FlashAttention(AttentionBackend):
         tells whether this build of flash-attn compiled that head size for this GPU.
         """
         reasons = _static_reasons(device, block_size, head_dim, dtype)
+        if kv_dtype is not None and kv_dtype != dtype:
+            reasons.append(
+                f"flash-attn reads a KV cache of the compute dtype only, not {kv_dtype} "
+                "(kv_cache_dtype 'fp8' needs attention_backend 'triton' or 'torch')"
+            )
         import_error = flash_attn_import_error()
         if import_error is not None:
             reasons.append(import_error)

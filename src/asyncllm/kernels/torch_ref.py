@@ -17,7 +17,18 @@ from asyncllm.kernels.base import AttentionBackend
 if TYPE_CHECKING:
     from asyncllm.context import ForwardContext
 
-__all__ = ["TorchAttention", "gather_padded_kv", "store_kv"]
+__all__ = ["FP8_MAX", "TorchAttention", "gather_padded_kv", "store_kv", "to_cache_dtype"]
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+"""float8 e4m3's largest finite value (448): a float8 cache stores larger magnitudes as it."""
+
+
+def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """`x` in `cache`'s dtype; clamped to float8's range first for a float8 cache, as the
+    Triton stores are (a cast past the range gives NaN on some torch builds)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(cache.dtype)
 
 
 def store_kv(
@@ -31,8 +42,8 @@ def store_kv(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[keep].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(k[keep], k_cache)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(v[keep], v_cache)
 
 
 def gather_padded_kv(
@@ -65,8 +76,8 @@ class TorchAttention(AttentionBackend):
             store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         num_tokens, num_heads = q.shape[0], q.shape[1]
         group = num_heads // k_cache.shape[2]
-        keys = gather_padded_kv(k_cache, ctx.block_tables, ctx.max_seqlen_k)
-        values = gather_padded_kv(v_cache, ctx.block_tables, ctx.max_seqlen_k)
+        keys = gather_padded_kv(k_cache, ctx.block_tables, ctx.max_seqlen_k).to(q.dtype)
+        values = gather_padded_kv(v_cache, ctx.block_tables, ctx.max_seqlen_k).to(q.dtype)
 
         starts = ctx.cu_seqlens_q[:-1].long()
         q_lens = ctx.cu_seqlens_q[1:].long() - starts
@@ -83,7 +94,7 @@ class TorchAttention(AttentionBackend):
         mask = torch.where(q_valid[:, :, None], mask, cols[None, None, :] == 0)
 
         out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2).to(keys.dtype),
+            queries.transpose(1, 2),
             keys.repeat_interleave(group, dim=2).transpose(1, 2),
             values.repeat_interleave(group, dim=2).transpose(1, 2),
             attn_mask=mask[:, None],

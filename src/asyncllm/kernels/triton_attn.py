@@ -103,6 +103,7 @@ def triton_store_kv(
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[1],
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
     )
 
@@ -130,10 +131,16 @@ class TritonAttention(AttentionBackend):
 
     @classmethod
     def unsupported_reason(
-        cls, device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype
+        cls,
+        device: torch.device,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        kv_dtype: torch.dtype | None = None,
     ) -> str | None:
         """Why this configuration cannot run here, or None (CUDA sm80+, head_dim a power of
-        two in 32..256, block_size a power of two >= 8, fp16/bf16/fp32)."""
+        two in 32..256, block_size a power of two >= 8, fp16/bf16/fp32; a float8 KV cache
+        needs sm89+, where Triton converts float8 e4m3)."""
         if device.type != "cuda" or not torch.cuda.is_available():
             return "the Triton kernels need a CUDA device"
         if torch.cuda.get_device_capability(device) < (8, 0):
@@ -144,6 +151,10 @@ class TritonAttention(AttentionBackend):
             return f"block_size {block_size} is not a power of two >= {_MIN_PAGE_SIZE}"
         if dtype not in _DTYPES:
             return f"dtype {dtype} is not float16, bfloat16 or float32"
+        if kv_dtype not in (None, dtype, torch.float8_e4m3fn):
+            return f"a KV cache of {kv_dtype} with compute dtype {dtype} is not supported"
+        if kv_dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability(device) < (8, 9):
+            return "a float8 KV cache needs compute capability 8.9 or newer"
         return None
 
     def forward(
@@ -244,6 +255,7 @@ class TritonAttention(AttentionBackend):
             BLOCK_N=block_n,
             SINGLE_SPLIT=splits == 1,
             DOT_PRECISION=_dot_precision(q.dtype),
+            FP16_DOTS=_fp16_dots(q, k_cache),
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -301,6 +313,7 @@ class TritonAttention(AttentionBackend):
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             DOT_PRECISION=_dot_precision(q.dtype),
+            FP16_DOTS=_fp16_dots(q, k_cache),
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -345,6 +358,11 @@ class TritonAttention(AttentionBackend):
             tuning.num_warps or num_warps,
             tuning.num_stages or num_stages,
         )
+
+
+def _fp16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernels take q to float16 for their dots (a float8 cache, 16-bit q)."""
+    return k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

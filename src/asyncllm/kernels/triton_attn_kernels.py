@@ -7,6 +7,13 @@ last dimension contiguous; token `n` of sequence `b` sits in page `block_tables[
 PAGE_SIZE]` at row `n % PAGE_SIZE`. Cache addresses are computed in int64, since
 num_blocks * PAGE_SIZE * Hkv * D overflows int32 on a large pool.
 
+The cache holds the compute dtype or float8 e4m3 (unscaled): values are clamped to float8's
+range (+-448) when stored, and tiles are converted to q's dtype as they are loaded. With a
+float8 cache and 16-bit queries (FP16_DOTS) q is taken to float16 first: float8 -> float16 is
+a single conversion, float8 -> bfloat16 is not, and it made the decode kernel 1.3x slower
+(H200; docs/kernels-notes.md). float16 keeps more of q's mantissa than bfloat16; q is
+clamped to float16's range.
+
 Softmax runs in base 2: scores are multiplied by `scale * log2(e)` and exponentiated with
 `exp2`. Running maxima start at -1e30 rather than -inf, so a row (or split) that sees no key
 keeps finite state (max -1e30, sum 0) and is written as zeros instead of NaN.
@@ -20,14 +27,36 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "FP8_MAX",
     "decode_reduce_kernel",
     "decode_split_kernel",
     "prefill_kernel",
     "store_kv_kernel",
+    "to_cache",
 ]
 
 # Finite "minus infinity" for running maxima (see the module docstring).
 _NEG_BIG = tl.constexpr(-1.0e30)
+
+FP8_MAX = tl.constexpr(448.0)
+"""float8 e4m3's largest finite value: larger magnitudes are stored as it."""
+_FP16_MAX = tl.constexpr(65504.0)
+
+
+@triton.jit
+def _dot_operand(q, FP16_DOTS: tl.constexpr):
+    """q as the attention dots take it (see FP16_DOTS in the module docstring)."""
+    if FP16_DOTS:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -_FP16_MAX), _FP16_MAX).to(tl.float16)
+    return q
+
+
+@triton.jit
+def to_cache(x, cache_ptr, KV_FP8: tl.constexpr):
+    """`x` in the cache's dtype (clamped to float8's range first when the cache is float8)."""
+    if KV_FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -48,6 +77,7 @@ def store_kv_kernel(
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One program per token: copy its [Hkv, D] key and value rows to its cache slot."""
     token = tl.program_id(0).to(tl.int64)
@@ -67,8 +97,8 @@ def store_kv_kernel(
     v_off = token * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :]
     k = tl.load(k_ptr + k_off, mask=mask)
     v = tl.load(v_ptr + v_off, mask=mask)
-    tl.store(k_cache_ptr + cache_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + cache_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + cache_off, to_cache(k, k_cache_ptr, KV_FP8), mask=mask)
+    tl.store(v_cache_ptr + cache_off, to_cache(v, v_cache_ptr, KV_FP8), mask=mask)
 
 
 @triton.jit
@@ -144,6 +174,7 @@ def _attend_tile(
         k = tl.load(k_cache_ptr + offs[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
     else:
         k = tl.load(k_cache_ptr + offs[None, :] + dims[:, None])
+    k = k.to(q.dtype)  # a no-op unless the cache is float8
     scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         see = valid[None, :]
@@ -158,6 +189,7 @@ def _attend_tile(
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :])
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -190,6 +222,7 @@ def decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):
     """One program per (KV head, split, decode row): attend the row's GQA group of queries
     to one contiguous share of its keys.
@@ -215,7 +248,7 @@ def decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + group
     q_off = row * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=(group < GROUP)[:, None], other=0.0)
+    q = _dot_operand(tl.load(q_ptr + q_off, mask=(group < GROUP)[:, None], other=0.0), FP16_DOTS)
 
     m_i = tl.full([GROUP_PAD], _NEG_BIG, tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -333,6 +366,7 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):
     """One program per (query head, virtual query tile): causal varlen attention over the
     paged cache for sequences [first_seq, num_seqs), bottom-right aligned.
@@ -362,7 +396,7 @@ def prefill_kernel(
     dims = tl.arange(0, HEAD_DIM)
     tokens = (q_begin + rows).to(tl.int64)
     q_off = tokens[:, None] * stride_q_tok + head * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_valid[:, None], other=0.0)
+    q = _dot_operand(tl.load(q_ptr + q_off, mask=row_valid[:, None], other=0.0), FP16_DOTS)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

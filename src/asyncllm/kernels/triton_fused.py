@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm.kernels.triton_attn_kernels import to_cache
+
 __all__ = ["add_rms_norm", "qk_norm_rope", "rms_norm", "silu_and_mul"]
 
 
@@ -74,7 +76,7 @@ def _qk_norm_rope_kernel(
     k_cache_ptr, v_cache_ptr, slot_ptr, stride_qkv, stride_block, stride_slot, stride_head,
     eps, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HEADS: tl.constexpr,
+    HEADS: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     """One token's heads [HEADS * program, HEADS * (program + 1)) of the packed qkv row (q
     heads, then k heads, then v heads, the last only launched with STORE)."""
@@ -121,10 +123,10 @@ def _qk_norm_rope_kernel(
         cached = cached + kv_head[:, None] * stride_head + cols
         keep_k = (is_k & (slot >= 0))[:, None]
         keep_v = (is_v & (slot >= 0))[:, None]
-        tl.store(k_cache_ptr + cached, out_lo, mask=keep_k)
-        tl.store(k_cache_ptr + cached + HALF, out_hi, mask=keep_k)
-        tl.store(v_cache_ptr + cached, lo, mask=keep_v)
-        tl.store(v_cache_ptr + cached + HALF, hi, mask=keep_v)
+        tl.store(k_cache_ptr + cached, to_cache(out_lo, k_cache_ptr, KV_FP8), mask=keep_k)
+        tl.store(k_cache_ptr + cached + HALF, to_cache(out_hi, k_cache_ptr, KV_FP8), mask=keep_k)
+        tl.store(v_cache_ptr + cached, to_cache(lo, v_cache_ptr, KV_FP8), mask=keep_v)
+        tl.store(v_cache_ptr + cached + HALF, to_cache(hi, v_cache_ptr, KV_FP8), mask=keep_v)
 
 
 def _qk_launch(tokens: int) -> tuple[int, int]:
@@ -146,7 +148,8 @@ def qk_norm_rope(
     `cos`/`sin` are [max_position, D] tables (float32); returns contiguous q [T, Hq, D] and
     k [T, Hkv, D]. With `kv_cache` = (k_cache, v_cache, slot_mapping) it also writes each
     token's rotated k and its v to the paged cache [blocks, page, Hkv, D] at its slot (slots
-    < 0 skipped), as `AttentionBackend.forward` would otherwise do in a kernel of its own.
+    < 0 skipped; a float8 cache gets them clamped to its range), as
+    `AttentionBackend.forward` would otherwise do in a kernel of its own.
     """
     has_norm = q_weight is not None and k_weight is not None
     if not has_norm:
@@ -170,7 +173,8 @@ def qk_norm_rope(
             qkv, q_weight, k_weight, cos, sin, positions, q, k, k_cache, v_cache, slots,
             qkv.stride(0), *strides, eps, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim, HALF=head_dim // 2, HAS_NORM=has_norm,
-            STORE=kv_cache is not None, PAGE_SIZE=page, HEADS=per_program, num_warps=warps,
+            STORE=kv_cache is not None, PAGE_SIZE=page, HEADS=per_program,
+            KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps,
         )  # fmt: skip
     return q, k
 
