@@ -38,6 +38,7 @@ YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
 TABLE_CASES = {
     "defaults": {},
     "no-truncate": dict(truncate=False),
+    "truncate-null": dict(truncate=None),  # transformers reads it as false
     "betas": dict(beta_fast=16, beta_slow=2.5),
     "mscale": dict(factor=8.0, mscale=1.0, mscale_all_dim=0.8),
     "attention-factor": dict(attention_factor=0.9),

@@ -155,8 +155,9 @@ def yarn_attention_factor(
     factor: float, mscale: float | None = None, mscale_all_dim: float | None = None
 ) -> float:
     """YaRN's default multiplier of cos and sin: 0.1 * ln(factor) + 1, or with both `mscale`
-    and `mscale_all_dim` (DeepSeek's configs) the ratio of that formula with each scaling
-    0.1; float64, as transformers computes it.
+    and `mscale_all_dim` set (DeepSeek's configs) (0.1 * mscale * ln(factor) + 1) /
+    (0.1 * mscale_all_dim * ln(factor) + 1); 1 for factor <= 1. In float64, in transformers'
+    order, so the factor is the same to the bit.
 
     Example:
         >>> round(yarn_attention_factor(4.0), 6)

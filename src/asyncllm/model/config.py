@@ -354,7 +354,8 @@ def _yarn(params: dict[str, Any], where: str, factor: float, original: int) -> R
     )
     default_attention = yarn_attention_factor(factor, mscale, mscale_all_dim)
     attention = read.positive("attention_factor", float, default_attention)
-    truncate = read.get("truncate", bool, True)
+    # transformers tests truncate's truth, so a null one is false (not the default, true).
+    truncate = params.get("truncate", True) is not None and read.get("truncate", bool, True)
     return RopeScaling(
         "yarn", factor, original_max_position_embeddings=original, beta_fast=beta_fast,
         beta_slow=beta_slow, attention_factor=attention, truncate=truncate,
