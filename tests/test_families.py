@@ -253,6 +253,7 @@ async def test_chunked_prefill_matches_transformers(
         dict(rope_type="dynamic", factor=3.0),
         dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
              original_max_position_embeddings=8192),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),
     ],
 )  # fmt: skip
 def test_rope_frequencies_are_transformers_own_to_the_bit(scaling: dict[str, Any] | None) -> None:
@@ -326,7 +327,8 @@ def copy_of(family_dirs: dict[str, Path], tmp_path: Path) -> Any:
 @pytest.mark.parametrize(
     ("rope", "message"),
     [
-        (dict(rope_type="yarn", factor=4.0), "rope type 'yarn' is not supported"),
+        (dict(rope_type="longrope", factor=4.0), "rope type 'longrope' is not supported"),
+        (dict(rope_type="yarn", factor=4.0, beta_slow=0), "'beta_slow' must be positive"),
         (dict(rope_type="linear", factor=0.5), "'factor' must be >= 1, got 0.5"),
         (dict(rope_type="linear"), "required key 'factor' is missing"),
         (dict(rope_type="llama3", factor=8.0, high_freq_factor=4.0,

@@ -1,7 +1,7 @@
-"""Llama 3, Qwen2, Mistral and Qwen3-MoE on a GPU: float32 token parity with transformers
-through CUDA graphs and the fused kernels (rotary without q/k norm, fused MoE), bf16 graphs
-against eager, bf16 logits against float32 transformers, and the fused MoE model against the
-per-expert torch loop."""
+"""Llama 3, Qwen2, Mistral, Qwen3 with yarn and Qwen3-MoE on a GPU: float32 token parity
+with transformers through CUDA graphs and the fused kernels (rotary with and without q/k
+norm, on yarn's scaled tables, fused MoE), bf16 graphs against eager, bf16 logits against
+float32 transformers, and the fused MoE model against the per-expert torch loop."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ GPU_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                           high_freq_factor=4.0, original_max_position_embeddings=256),
     )),
     "qwen2": ("qwen2", dict(_BASE, tie_word_embeddings=True, rope_theta=1000000.0)),
+    # yarn's cos/sin tables (attention factor folded in) through the fused q/k-norm + rotary
+    # kernel, past the original context of 64 positions.
+    "qwen3-yarn": ("qwen3", dict(
+        _BASE, tie_word_embeddings=True, rope_theta=1000000.0,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+    )),
     "mistral": ("mistral", dict(_BASE, num_key_value_heads=4, head_dim=128,
                                 tie_word_embeddings=False, sliding_window=None)),
     # 2 * 96 != hidden: a packed expert tensor saved in another layout fails the shape check.

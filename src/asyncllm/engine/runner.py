@@ -139,11 +139,13 @@ class ModelRunner:
 
     def _load_model(self, model_dir: Path) -> CausalLM:
         """The model's weights on the device; `ConfigError` (not a raw allocator error) when
-        they, or the rotary tables that max_position_embeddings sizes, cannot fit."""
+        they, or the rotary tables that position_limit sizes, cannot fit."""
         cfg = self.model_config
+        extended = cfg.position_limit > cfg.max_position_embeddings
         rotary = (
             f"the rotary tables ({cfg.rotary_table_bytes} bytes for max_position_embeddings="
-            f"{cfg.max_position_embeddings} in config.json)"
+            f"{cfg.max_position_embeddings} in config.json"
+            + (f", {cfg.position_limit} positions with its yarn scaling)" if extended else ")")
         )
         fix = "use a model with a smaller max_position_embeddings, or a device with more memory"
         require_fits(cfg.rotary_table_bytes, self.device, rotary, fix)
@@ -287,7 +289,7 @@ class ModelRunner:
         self.kv_cache.zero_()
 
     def _resolve_max_model_len(self) -> int:
-        model_limit = self.model_config.max_position_embeddings
+        model_limit = self.model_config.position_limit
         pool_tokens = self.num_kv_blocks * self.block_size
         asked = self.config.max_model_len
         window = self.model_config.sliding_window

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm.errors import ModelLoadError
-from asyncllm.layers.rotary import RopeScaling
+from asyncllm.layers.rotary import RopeScaling, yarn_attention_factor
 from asyncllm.validation import MAX_INT32
 
 __all__ = ["MOE_ARCHITECTURES", "ROPE_TYPES", "MoEConfig", "ModelConfig"]
@@ -18,7 +18,7 @@ MOE_ARCHITECTURES = frozenset({"Qwen3MoeForCausalLM"})
 """Architectures whose config.json describes experts (num_experts, moe_intermediate_size, ...);
 other architectures' files are not read for those keys."""
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 """Rotary variants the engine computes exactly as transformers does."""
 
 
@@ -146,10 +146,22 @@ class ModelConfig:
         return config
 
     @property
+    def position_limit(self) -> int:
+        """How many positions the model serves (the longest max_model_len): with yarn rope
+        scaling, original_max_position_embeddings * factor where that exceeds
+        max_position_embeddings (its frequencies are the same at every length, so transformers
+        computes every position alike; vLLM serves as long), else max_position_embeddings."""
+        scaling = self.rope_scaling
+        if scaling is None or scaling.rope_type != "yarn":
+            return self.max_position_embeddings
+        extended = int(scaling.original_max_position_embeddings * scaling.factor)
+        return max(self.max_position_embeddings, extended)
+
+    @property
     def rotary_table_bytes(self) -> int:
         """Bytes of the rotary cos and sin tables: float32, one row per position up to
-        max_position_embeddings (the least that building the model allocates)."""
-        return 2 * self.max_position_embeddings * self.head_dim * 4
+        position_limit (the least that building the model allocates)."""
+        return 2 * self.position_limit * self.head_dim * 4
 
     def _check(self, source: str) -> None:
         for name in (
@@ -178,8 +190,22 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"{source}: head_dim must be even for rotary, got {self.head_dim}")
+        self._check_yarn(source)
         if self.moe is not None:
             self.moe.check(self.num_hidden_layers, source)
+
+    def _check_yarn(self, source: str) -> None:
+        if self.rope_scaling is None or self.rope_scaling.rope_type != "yarn":
+            return
+        if self.rope_theta <= 1:  # yarn's ramp divides by log(rope_theta)
+            raise ModelLoadError(
+                f"{source}: rope_theta must exceed 1 for yarn rope scaling, got {self.rope_theta}"
+            )
+        if self.position_limit > MAX_INT32:  # positions are int32 in the kernels
+            raise ModelLoadError(
+                f"{source}: yarn's original_max_position_embeddings * factor "
+                f"({self.position_limit}) must be at most 2**31 - 1"
+            )
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
@@ -278,9 +304,15 @@ def _rope_scaling(raw: dict[str, Any], source: str, max_positions: int) -> RopeS
     if rope_type == "default":
         return None
     read = _Reader(params, where).positive
-    factor = read("factor", float)
+    original = 0
+    if rope_type in ("llama3", "yarn"):
+        original = _original_max_positions(raw, params, source, where, max_positions)
+    # transformers 5 derives a null yarn factor from the two lengths (DeepSeek-V3's configs).
+    factor = read("factor", float, max_positions / original if rope_type == "yarn" else None)
     if factor < 1.0:
         raise ModelLoadError(f"{where}: 'factor' must be >= 1, got {factor!r}")
+    if rope_type == "yarn":
+        return _yarn(params, where, factor, original)
     if rope_type != "llama3":
         return RopeScaling(rope_type, factor)
     low, high = read("low_freq_factor", float), read("high_freq_factor", float)
@@ -288,9 +320,46 @@ def _rope_scaling(raw: dict[str, Any], source: str, max_positions: int) -> RopeS
         raise ModelLoadError(
             f"{where}: 'high_freq_factor' ({high!r}) must exceed 'low_freq_factor' ({low!r})"
         )
-    # transformers falls back to max_position_embeddings when the original length is absent.
-    original = read("original_max_position_embeddings", int, max_positions)
     return RopeScaling(rope_type, factor, low, high, original)
+
+
+def _original_max_positions(
+    raw: dict[str, Any], params: dict[str, Any], source: str, where: str, max_positions: int
+) -> int:
+    """The pre-training context of llama3 / yarn scaling, where transformers 5 looks for it: a
+    top-level original_max_position_embeddings (Phi-3 keeps it there) wins over the rope
+    parameters' own, and max_position_embeddings stands in for both when absent."""
+    if raw.get("original_max_position_embeddings") is not None:
+        top: int = _Reader(raw, source).positive("original_max_position_embeddings", int)
+        return top
+    nested: int = _Reader(params, where).positive(
+        "original_max_position_embeddings", int, max_positions
+    )
+    return nested
+
+
+def _yarn(params: dict[str, Any], where: str, factor: float, original: int) -> RopeScaling:
+    """YaRN's fields, with transformers' defaults (beta_fast 32, beta_slow 1, truncate on, the
+    attention factor from `factor` and, when both are set, mscale / mscale_all_dim)."""
+    read = _Reader(params, where)
+    beta_fast = read.positive("beta_fast", float, 32.0)
+    beta_slow = read.positive("beta_slow", float, 1.0)
+    if beta_fast < beta_slow:
+        raise ModelLoadError(
+            f"{where}: 'beta_fast' ({beta_fast!r}) must be at least 'beta_slow' ({beta_slow!r})"
+        )
+    mscale, mscale_all_dim = (
+        None if params.get(key) is None else read.positive(key, float)
+        for key in ("mscale", "mscale_all_dim")
+    )
+    default_attention = yarn_attention_factor(factor, mscale, mscale_all_dim)
+    attention = read.positive("attention_factor", float, default_attention)
+    # transformers tests truncate's truth, so a null one is false (not the default, true).
+    truncate = params.get("truncate", True) is not None and read.get("truncate", bool, True)
+    return RopeScaling(
+        "yarn", factor, original_max_position_embeddings=original, beta_fast=beta_fast,
+        beta_slow=beta_slow, attention_factor=attention, truncate=truncate,
+    )  # fmt: skip
 
 
 def _sliding_window(raw: dict[str, Any], source: str) -> int | None:

@@ -205,9 +205,7 @@ class DecoderForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__(cfg, tp)
         options = self.decoder_options(cfg)
-        rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
-        )
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.position_limit, cfg.rope_theta, cfg.rope_scaling)
         layers = [
             DecoderLayer(cfg, SelfAttention(cfg, options, rotary, tp), self.build_mlp(cfg, i, tp))
             for i in range(cfg.num_hidden_layers)
