@@ -82,11 +82,11 @@ class EngineConfig:
     """Explicit KV pool size in bytes (default on CPU: 1 GiB); ignored if num_kv_blocks is set."""
     kv_cache_dtype: str = "auto"
     """What the KV cache stores: "auto" (the compute dtype) or "fp8" (float8 e4m3: half the
-    bytes of bf16, so twice the tokens in the same memory; decode speed about the same, see
-    docs/benchmarks.md). Keys and values are stored unscaled (scale 1.0, as vLLM does without
-    calibration): values beyond +-448 saturate and those below ~0.002 round to zero, so
-    outputs differ slightly from "auto". Needs the Triton backend on a GPU of compute
-    capability 8.9 or newer, or the torch reference (any device)."""
+    bytes of bf16, so twice the tokens in the same memory, and a few percent faster decoding
+    on an H200: docs/benchmarks.md). Keys and values are stored unscaled (scale 1.0, as vLLM
+    does without calibration): values beyond +-448 saturate and those below ~0.002 round to
+    zero, so outputs differ slightly from "auto". Needs the Triton backend on a GPU of
+    compute capability 8.9 or newer, or the torch reference (any device)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of earlier requests that share a prompt prefix."""
     attention_backend: str = "auto"

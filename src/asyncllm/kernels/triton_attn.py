@@ -218,7 +218,7 @@ class TritonAttention(AttentionBackend):
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
         splits = self.decode_splits(num_rows, num_kv_heads, q.device)
-        block_n, num_warps, num_stages = self._decode_launch(head_dim, q.dtype)
+        block_n, num_warps, num_stages = self._decode_launch(head_dim, q.dtype, k_cache.dtype)
         if splits > 1:
             part_ml = torch.empty(
                 (num_rows, num_heads, splits, 2), dtype=torch.float32, device=q.device
@@ -318,12 +318,17 @@ class TritonAttention(AttentionBackend):
             num_stages=num_stages,
         )
 
-    def _decode_launch(self, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    def _decode_launch(
+        self, head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype
+    ) -> tuple[int, int, int]:
         """(BLOCK_N, num_warps, num_stages) of the decode kernel."""
         if dtype == torch.float32:
             # IEEE float32 dots run on FMAs and keep whole operand rows in registers: small
             # tiles over 8 warps are the largest that compile without spills, for every D.
             block_n, num_warps, num_stages = 32, 8, 2
+        elif head_dim <= 128 and kv_dtype == torch.float8_e4m3fn:
+            # Two H200 sweeps at 256 rows: 224-225 us against 239 with three stages.
+            block_n, num_warps, num_stages = 128, 4, 2
         elif head_dim <= 128:
             block_n, num_warps, num_stages = 128, 4, 3  # best of the H100 sweep
         else:
