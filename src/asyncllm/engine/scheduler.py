@@ -30,9 +30,8 @@ from asyncllm.engine.request import (
     Counts,
     Request,
     RequestStatus,
-    blocks_of,
     computed_of,
-    pending_of,
+    read_counts,
     tokens_of,
 )
 
@@ -102,7 +101,8 @@ class Scheduler:
         whom the budget lets in, as `_schedule_any` would; None otherwise (a prefill chunk,
         too many decodes for the budget, or a preemption to make)."""
         running = self.running
-        remaining, known, pending, computed = _remaining_all(running)
+        remaining, counts = _remaining_all(running)
+        computed, known, pending, num_blocks = counts
         if not len(remaining) or remaining.max() > 1:
             return None
         decodes = list(compress(running, remaining.tolist()))
@@ -113,7 +113,6 @@ class Scheduler:
         if len(decodes) > self.max_num_batched_tokens:
             return None
         size = self.blocks.block_size
-        num_blocks = np.fromiter(map(len, map(blocks_of, running)), np.int64, len(running))
         short = (remaining > 0) & (computed + remaining > num_blocks * size)
         needy = np.flatnonzero(short).tolist()
         if len(needy) > self.blocks.num_unused_blocks:
@@ -280,18 +279,17 @@ _limit_of = attrgetter("token_limit")
 _registered_of = attrgetter("num_registered_blocks")
 
 
-def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`_remaining` of every request of `reqs`, and their known, pending and computed token
-    counts, read with C-level iteration and worked out in a few vectorised operations."""
+def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, Counts]:
+    """`_remaining` of every request of `reqs`, and their `read_counts`, read with C-level
+    iteration and worked out in a few vectorised operations."""
     n = len(reqs)
-    known = np.fromiter(map(len, map(tokens_of, reqs)), np.int64, n)
-    pending = np.fromiter(map(pending_of, reqs), np.int64, n)
-    computed = np.fromiter(map(computed_of, reqs), np.int64, n)
+    counts = read_counts(reqs)
     limit = np.fromiter(map(_limit_of, reqs), np.int64, n)
     finished = np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
-    remaining = known + pending - computed
-    remaining[finished | (known + pending >= limit)] = 0
-    return remaining, known, pending, computed
+    reached = counts.known + counts.pending
+    remaining = reached - counts.computed
+    remaining[finished | (reached >= limit)] = 0
+    return remaining, counts
 
 
 def _remaining(req: Request) -> int:
