@@ -26,6 +26,7 @@ __all__ = [
     "choose_attention_backend",
     "create_attention_backend",
     "fused_ops",
+    "sm_count",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,3 +180,16 @@ def _fused_module() -> ModuleType | None:
     except ImportError:
         logger.info("Triton is not importable: layers use unfused torch ops")
         return None
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`, which the Triton kernels size their grids by (a
+    nominal 1 off CUDA, e.g. under the Triton interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count_of(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)

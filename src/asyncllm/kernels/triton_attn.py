@@ -16,7 +16,6 @@ Importing this module needs Triton but not CUDA: kernels compile at their first 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import triton
 
+from asyncllm.kernels import sm_count
 from asyncllm.kernels.base import AttentionBackend
 from asyncllm.kernels.triton_attn_kernels import (
     decode_reduce_kernel,
@@ -201,7 +201,7 @@ class TritonAttention(AttentionBackend):
         tuning = self.decode_tuning
         if tuning.fixed_splits is not None:
             return tuning.fixed_splits
-        wanted = math.ceil(tuning.programs_per_sm * _sm_count(device) / (num_rows * num_kv_heads))
+        wanted = math.ceil(tuning.programs_per_sm * sm_count(device) / (num_rows * num_kv_heads))
         return max(1, min(int(triton.next_power_of_2(wanted)), tuning.max_splits))
 
     def _decode(
@@ -373,19 +373,6 @@ def _fp16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def _dot_precision(dtype: torch.dtype) -> str:
     # TF32 would cost float32 models their token-exact parity with transformers.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _sm_count_of(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (a nominal 1 off CUDA, e.g. the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count_of(index)
 
 
 def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:

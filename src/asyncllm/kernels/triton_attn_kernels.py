@@ -23,11 +23,13 @@ Nothing here launches a kernel; `triton_attn` does. Importing this module compil
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from asyncllm.kernels.torch_ref import FP8_MAX
+
 __all__ = [
-    "FP8_MAX",
     "decode_reduce_kernel",
     "decode_split_kernel",
     "prefill_kernel",
@@ -38,9 +40,8 @@ __all__ = [
 # Finite "minus infinity" for running maxima (see the module docstring).
 _NEG_BIG = tl.constexpr(-1.0e30)
 
-FP8_MAX = tl.constexpr(448.0)
-"""float8 e4m3's largest finite value: larger magnitudes are stored as it."""
-_FP16_MAX = tl.constexpr(65504.0)
+_FP8_MAX = tl.constexpr(FP8_MAX)  # larger magnitudes are stored as it
+_FP16_MAX = tl.constexpr(torch.finfo(torch.float16).max)
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _dot_operand(q, FP16_DOTS: tl.constexpr):
 def to_cache(x, cache_ptr, KV_FP8: tl.constexpr):
     """`x` in the cache's dtype (clamped to float8's range first when the cache is float8)."""
     if KV_FP8:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     return x.to(cache_ptr.dtype.element_ty)
 
 

@@ -12,13 +12,13 @@ penalties it reads each row's token counts alongside its logits and applies them
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from asyncllm.kernels import sm_count
 from asyncllm.sampling import GREEDY_TEMPERATURE
 
 if TYPE_CHECKING:
@@ -160,11 +160,6 @@ def _slices(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """(slice length, slices per row): about `_PROGRAMS_PER_SM` programs per SM in all, each
     slice a whole number of blocks. A function of the shape and device only (graphs)."""
     blocks = triton.cdiv(vocab, _BLOCK)
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), rows)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), rows)
     chunk = triton.cdiv(blocks, max(1, min(blocks, wanted))) * _BLOCK
     return chunk, triton.cdiv(vocab, chunk)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
