@@ -28,6 +28,7 @@ from asyncllm.kernels.torch_ref import TorchAttention
 
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
+FP8 = torch.float8_e4m3fn
 
 
 class RunnableTriton(TorchAttention):
@@ -98,6 +99,21 @@ def test_auto_skips_flash_attn_in_float32(gpu_machine: pytest.MonkeyPatch) -> No
     choice = choose_attention_backend("auto", CUDA, 256, 128, torch.float32)
     assert choice.name == "triton"
     assert "skipped flash_attn" in choice.reason and "torch.float32" in choice.reason
+
+
+def test_auto_skips_flash_attn_for_a_float8_cache(gpu_machine: pytest.MonkeyPatch) -> None:
+    """Even where flash-attn measured fastest and runs, a float8 cache goes to Triton."""
+    measured(gpu_machine, {(256, 128): "flash_attn"})
+    assert choose_attention_backend("auto", CUDA, 256, 128, BF16).name == "flash_attn"
+    choice = choose_attention_backend("auto", CUDA, 256, 128, BF16, kv_dtype=FP8)
+    assert choice.name == "triton"
+    assert "skipped flash_attn" in choice.reason and "compute dtype only" in choice.reason
+
+
+def test_flash_attn_is_refused_for_a_float8_cache() -> None:
+    with pytest.raises(ConfigError, match="reads a KV cache of the compute dtype only") as err:
+        choose_attention_backend("flash_attn", CUDA, 256, 128, BF16, kv_dtype=FP8)
+    assert "KV cache torch.float8_e4m3fn" in str(err.value)
 
 
 def test_auto_skips_flash_attn_when_it_does_not_import(gpu_machine: pytest.MonkeyPatch) -> None:

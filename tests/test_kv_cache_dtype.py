@@ -11,7 +11,6 @@ import torch
 from asyncllm import AsyncEngine, EngineConfig, SamplingParams
 from asyncllm.context import ForwardContext
 from asyncllm.errors import ConfigError
-from asyncllm.kernels import choose_attention_backend
 from asyncllm.kernels.torch_ref import TorchAttention, store_kv
 from tests.models import all_blocks_unused
 
@@ -39,36 +38,6 @@ def test_other_kv_cache_dtypes_are_refused(value: object) -> None:
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of") as err:
         EngineConfig(kv_cache_dtype=value)  # type: ignore[arg-type]
     assert repr(value) in str(err.value)
-
-
-def test_flash_attn_is_refused_for_a_float8_cache() -> None:
-    with pytest.raises(ConfigError, match="reads a KV cache of the compute dtype only") as err:
-        choose_attention_backend(
-            "flash_attn", torch.device("cuda"), 256, 128, torch.bfloat16, kv_dtype=FP8
-        )
-    assert "KV cache torch.float8_e4m3fn" in str(err.value)
-
-
-def test_auto_skips_flash_attn_for_a_float8_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Even where flash-attn measured fastest and runs, a float8 cache goes to Triton."""
-    from asyncllm.kernels import flash_attn as flash_module
-    from asyncllm.kernels.flash_attn import FlashAttention
-
-    class RunnableTriton(TorchAttention):
-        name = "triton"
-
-    backends = {"torch": TorchAttention, "triton": RunnableTriton, "flash_attn": FlashAttention}
-    monkeypatch.setattr("asyncllm.kernels._load", backends.__getitem__)
-    monkeypatch.setattr(flash_module, "flash_attn_import_error", lambda: None)
-    monkeypatch.setattr(flash_module, "_kernel_error", lambda *args: None)
-    monkeypatch.setattr(
-        "asyncllm.kernels._MEASURED_FASTEST", {(256, 128): ("flash_attn", "a test measurement")}
-    )
-    cuda = torch.device("cuda")
-    assert choose_attention_backend("auto", cuda, 256, 128, torch.bfloat16).name == "flash_attn"
-    choice = choose_attention_backend("auto", cuda, 256, 128, torch.bfloat16, kv_dtype=FP8)
-    assert choice.name == "triton"
-    assert "skipped flash_attn" in choice.reason and "compute dtype only" in choice.reason
 
 
 # ---- the torch backend over a float8 cache -------------------------------------------------

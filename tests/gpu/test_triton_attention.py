@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import pytest
@@ -297,13 +298,19 @@ _SHAPES += [
 ]
 
 
+def over_shapes(names: Collection[str] | None = None) -> pytest.MarkDecorator:
+    """Parametrize a test over the `_SHAPES` named in `names` (None: all of them)."""
+    shapes = [s for s in _SHAPES if names is None or s[0] in names]
+    return pytest.mark.parametrize(
+        ("decode_lens", "prefills", "num_padding"),
+        [s[1:] for s in shapes],
+        ids=[s[0] for s in shapes],
+    )
+
+
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize(
-    ("decode_lens", "prefills", "num_padding"),
-    [s[1:] for s in _SHAPES],
-    ids=[s[0] for s in _SHAPES],
-)
+@over_shapes()
 @pytest.mark.parametrize(
     ("num_kv_heads", "group", "head_dim"), [(8, 2, 128), (2, 4, 64), (1, 8, 128), (4, 1, 64)]
 )
@@ -330,17 +337,10 @@ def test_matches_reference_in_bfloat16(
     run_and_check(case)
 
 
-_FP8_SHAPES = ["decode-1x8192", "decode-7-padding", "decode-256-random", "prefill-varlen",
-               "prefix-hits-random", "mixed-random"]  # fmt: skip
-
-
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize(
-    ("decode_lens", "prefills", "num_padding"),
-    [s[1:] for s in _SHAPES if s[0] in _FP8_SHAPES],
-    ids=[s[0] for s in _SHAPES if s[0] in _FP8_SHAPES],
-)
+@over_shapes({"decode-1x8192", "decode-7-padding", "decode-256-random", "prefill-varlen",
+              "prefix-hits-random", "mixed-random"})  # fmt: skip
 @pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(8, 2, 128), (1, 8, 128)])
 @pytest.mark.parametrize("page_size", [16, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
