@@ -9,6 +9,7 @@ FlashAttention-2 (`varlen_attn`, contiguous K/V) where available.
 Usage:
     PYTHONPATH=src python benchmarks/attention.py --out attention.json
     PYTHONPATH=src python benchmarks/attention.py --sweep     # also try launch variants
+    PYTHONPATH=src python benchmarks/attention.py --kv-cache-dtype fp8   # a float8 cache
 """
 
 from __future__ import annotations
@@ -46,8 +47,15 @@ class Step:
     out: torch.Tensor
 
 
-def make_step(prefixes: list[int], q_lens: list[int], page_size: int, num_decodes: int) -> Step:
-    """Sequences with `prefixes[i]` cached tokens and `q_lens[i]` new ones, pages shuffled."""
+def make_step(
+    prefixes: list[int],
+    q_lens: list[int],
+    page_size: int,
+    num_decodes: int,
+    kv_dtype: torch.dtype = DTYPE,
+) -> Step:
+    """Sequences with `prefixes[i]` cached tokens and `q_lens[i]` new ones, pages shuffled,
+    over a cache of `kv_dtype`."""
     device = torch.device("cuda")
     seq_lens = [p + n for p, n in zip(prefixes, q_lens)]
     pages = [math.ceil(s / page_size) for s in seq_lens]
@@ -63,9 +71,8 @@ def make_step(prefixes: list[int], q_lens: list[int], page_size: int, num_decode
         torch.arange(len(seq_lens), device=device), torch.tensor(q_lens, device=device)
     )
     slots = tables[rows, positions // page_size] * page_size + positions % page_size
-    cache = torch.randn(
-        2, sum(pages), page_size, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE
-    )
+    cache = torch.randn(2, sum(pages), page_size, NUM_KV_HEADS, HEAD_DIM, device=device)
+    cache = cache.to(kv_dtype)
     num_tokens = sum(q_lens)
     q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
     k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
@@ -107,13 +114,17 @@ def run_backend(backend: TritonAttention, step: Step) -> Callable[[], None]:
 
 
 def decode_case(
-    batch: int, context: int, page_size: int, tunings: list[DecodeTuning], copy_bytes_per_s: float
+    batch: int,
+    context: int,
+    page_size: int,
+    tunings: list[DecodeTuning],
+    copy_bytes_per_s: float,
+    kv_dtype: torch.dtype,
 ) -> list[dict[str, Any]]:
     """Time a decode-only step (all sequences at `context` keys) under each tuning."""
-    step = make_step([context - 1] * batch, [1] * batch, page_size, num_decodes=batch)
-    elem = DTYPE.itemsize
-    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * elem
-    io_bytes = 2 * batch * NUM_HEADS * HEAD_DIM * elem
+    step = make_step([context - 1] * batch, [1] * batch, page_size, batch, kv_dtype)
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
+    io_bytes = 2 * batch * NUM_HEADS * HEAD_DIM * DTYPE.itemsize
     results = []
     for tuning in tunings:
         backend = TritonAttention(decode=tuning)
@@ -123,6 +134,7 @@ def decode_case(
         results.append(
             {
                 "kind": "decode",
+                "kv_cache": str(kv_dtype),
                 "batch": batch,
                 "context": context,
                 "page_size": page_size,
@@ -160,10 +172,11 @@ def prefill_case(
     page_size: int,
     tunings: list[PrefillTuning],
     with_flash: bool,
+    kv_dtype: torch.dtype,
 ) -> list[dict[str, Any]]:
     """Time a prefill step of `batch` sequences of `new` tokens after `prefix` cached ones."""
     prefixes, q_lens = [prefix] * batch, [new] * batch
-    step = make_step(prefixes, q_lens, page_size, num_decodes=0)
+    step = make_step(prefixes, q_lens, page_size, 0, kv_dtype)
     flops = 4 * visible_pairs(prefixes, q_lens) * NUM_HEADS * HEAD_DIM
     results = []
     for tuning in tunings:
@@ -171,6 +184,7 @@ def prefill_case(
         results.append(
             {
                 "kind": "prefill",
+                "kv_cache": str(kv_dtype),
                 "batch": batch,
                 "new": new,
                 "prefix": prefix,
@@ -300,7 +314,10 @@ def main() -> None:
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also time launch variants")
     parser.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="what the cache holds (default: auto, bfloat16)")  # fmt: skip
     args = parser.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     torch.manual_seed(0)
 
     copy_rate = copy_bandwidth()
@@ -309,15 +326,15 @@ def main() -> None:
     for batch, context in ((256, 1024), (32, 8192)):
         for page_size in args.page_sizes:
             tunings = decode_tunings(args.sweep and page_size == args.page_sizes[0])
-            results += decode_case(batch, context, page_size, tunings, copy_rate)
+            results += decode_case(batch, context, page_size, tunings, copy_rate, kv_dtype)
     if args.sweep:
         for batch, context in SPLIT_SHAPES:
-            results += decode_case(batch, context, 16, split_tunings(), copy_rate)
+            results += decode_case(batch, context, 16, split_tunings(), copy_rate, kv_dtype)
     for batch, new, prefix in ((8, 1024, 0), (4, 512, 2048), (1, 4096, 0)):
         for page_size in args.page_sizes[:2]:
             first = page_size == args.page_sizes[0]
             variants = prefill_tunings(args.sweep and first)
-            results += prefill_case(batch, new, prefix, page_size, variants, with_flash=first)
+            results += prefill_case(batch, new, prefix, page_size, variants, first, kv_dtype)
 
     print_table(results, copy_rate)
     if args.out:
