@@ -16,6 +16,8 @@ and the tokens it drew, so nothing crosses from the host between the steps of a 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import NamedTuple
@@ -41,6 +43,7 @@ __all__ = [
     "host_step",
     "next_decode_step",
     "pack_step",
+    "part_offsets",
     "prepare_step",
     "sampling_row",
     "table_width",
@@ -534,18 +537,47 @@ def _pack_rows(rows: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
     return out
 
 
+def part_offsets(sizes: dict[str, int], itemsize: int) -> dict[str, int]:
+    """Where each part of a packed array starts (in elements), given its parts' `sizes`
+    (`HostStep.int_sizes` or `int32_sizes`) and their item size in bytes."""
+    step = _ALIGN_BYTES // itemsize
+    offsets, at = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = at
+        at += _round_up(size, step)
+    return offsets
+
+
 def _sizes(parts: dict[str, np.ndarray]) -> dict[str, int]:
     return {name: array.size for name, array in parts.items()}
 
 
 def _unpack(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     """Views of the parts `_pack` packed into `flat`: split in one call into each part and
-    the padding after it, keeping every other piece (slicing part by part costs ~3x)."""
-    step = _ALIGN_BYTES // flat.element_size()
+    the padding after it (slicing part by part costs ~3x), as `_split_plan` says."""
+    pieces, parts_of = _split_plan(tuple(sizes.values()), _ALIGN_BYTES // flat.element_size())
+    return dict(zip(sizes, parts_of(flat.split_with_sizes(pieces))))
+
+
+@functools.lru_cache(maxsize=512)
+def _split_plan(
+    sizes: tuple[int, ...], step: int
+) -> tuple[list[int], Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]]:
+    """The pieces to split a packed array of parts of `sizes` into (each part, then its
+    padding to a multiple of `step` when it has any: a view costs ~1 us, even an empty
+    one), and which of the pieces are the parts. Memoised: a run of decode steps of one
+    batch repeats one layout."""
     pieces: list[int] = []
-    for size in sizes.values():
-        pieces += (int(size), -int(size) % step)
-    return dict(zip(sizes, flat.split_with_sizes(pieces)[::2]))
+    keep: list[int] = []
+    for size in sizes:
+        keep.append(len(pieces))
+        pieces.append(int(size))
+        if padding := -int(size) % step:
+            pieces.append(padding)
+    take = operator.itemgetter(*keep)
+    if len(keep) == 1:  # itemgetter of one index gives the item itself, not a tuple
+        return pieces, lambda split: (take(split),)
+    return pieces, take
 
 
 def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

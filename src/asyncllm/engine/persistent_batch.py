@@ -16,6 +16,12 @@ A step with a prefill chunk, or with a penalised request, is packed the general 
 (tested), so the device side (CUDA graphs, tensor-parallel workers) does not know which packed
 it.
 
+A steady step (the same requests decoding again, right after a step this batch packed, every
+input pending on the device) is packed from the step before (`_repack`): the kept copy of its
+packed arrays takes the new positions, slot mapping, sampling offsets and sequence lengths
+(each one vectorised store) and the blocks that rows gained; everything else in it (pending
+rows, sampling values, the layout) is the same as before.
+
 A request names its slot by a key (`Request.batch_slot`): the slot's index plus a serial
 number, new each time a slot is handed out, so a key is never valid for two owners. Dropping
 its blocks (preemption) clears a request's key, so it is given a fresh, refilled slot when it
@@ -35,6 +41,7 @@ from asyncllm.engine.inputs import (
     HostStep,
     StepMeta,
     host_step,
+    part_offsets,
     sampling_row,
     table_width,
 )
@@ -68,6 +75,10 @@ class PersistentBatch:
         """What each slot's sampling values imply for the step (`_SAMPLES` ... `_PENALTIES`),
         so that a step's flags are one reduction instead of one test per value."""
         self._free = list(range(num_slots - 1, -1, -1))
+        self._kept: _Kept | None = None
+        """The last step packed, when the next may be packed from it (see `_repack`)."""
+        self.num_repacked = 0
+        """Steps packed by `_repack` (for tests and benchmarks)."""
 
     def pack(
         self,
@@ -83,6 +94,10 @@ class PersistentBatch:
 
         Like the general path, it records in each request the row it samples in
         (`sample_row`, `sample_step`), which the next step's pending inputs read."""
+        host = self._repack(requests, num_steps, step_id, counts)
+        if host is not None:
+            return host
+        self._kept = None
         n = len(requests)
         slots = self._slots(requests)
         flags = int(np.bitwise_or.reduce(self._flags[slots]))
@@ -121,7 +136,103 @@ class PersistentBatch:
         )
         for row, req in enumerate(requests):
             req.sample_row, req.sample_step = row, step_id
-        return host_step(ints, int32s, list(floats), meta)
+        host = host_step(ints, int32s, list(floats), meta)
+        if len(pending_dst) == n and not len(banned[0]):
+            self._keep(requests, host, slots, num_blocks, step_id)
+        return host
+
+    # ---- steady steps --------------------------------------------------------------------
+
+    def _keep(
+        self,
+        requests: Sequence[Request],
+        host: HostStep,
+        slots: np.ndarray,
+        num_blocks: np.ndarray,
+        step_id: int,
+    ) -> None:
+        """Keep a step whose inputs are all pending and that bans nothing, for `_repack`: a
+        copy of its arrays (the runner may write into those it is handed), whose pending
+        inputs already read the rows this step samples in (its own, in order)."""
+        n = len(requests)
+        ints, int32s = host.ints.copy(), host.int32s.copy()
+        at = part_offsets(host.int_sizes, ints.itemsize)
+        at32 = part_offsets(host.int32_sizes, int32s.itemsize)
+        ints[at["pending_src"] : at["pending_src"] + n] = np.arange(n)
+        self._kept = _Kept(
+            requests=list(requests),
+            keys=list(map(_slot_of, requests)),
+            step_id=step_id,
+            slots=slots,
+            num_blocks=num_blocks.copy(),
+            drawn_base=self._prompt_lens[slots] + host.meta.num_steps,
+            host=host._replace(ints=ints, int32s=int32s, floats=host.floats.copy()),
+            positions=slice(at["positions"], at["positions"] + n),
+            slot_mapping=slice(at["slots"], at["slots"] + n),
+            offsets=slice(at["offsets"], at["offsets"] + n),
+            seq_lens=slice(at32["seq_lens"], at32["seq_lens"] + n),
+            tables=at32["tables"],
+        )
+
+    def _repack(
+        self, requests: Sequence[Request], num_steps: int, step_id: int, counts: Counts | None
+    ) -> HostStep | None:
+        """`pack` of a steady step: the requests of the step just packed (`_kept`), in the
+        same order and slots, decoding again with every input pending on the device (drawn by
+        that step, in the same rows). Only what moved is written into the kept arrays: the
+        positions, slot mapping, sampling offsets and sequence lengths (from the counters),
+        and the blocks rows gained. None when the step is not such a step, or outgrew the
+        table's width: it is packed in full."""
+        kept = self._kept
+        if (
+            kept is None
+            or step_id != kept.step_id + 1
+            or num_steps != kept.host.meta.num_steps
+            or requests != kept.requests  # identity, element by element
+            or list(map(_slot_of, requests)) != kept.keys
+        ):
+            return None
+        counts = counts if counts is not None else read_counts(requests)
+        computed, known, pending, num_blocks = counts
+        starts = computed - num_steps
+        if not (known <= starts).all():
+            return None  # some input is known on the host (its step was processed already)
+        grown = (num_blocks != kept.num_blocks).nonzero()[0].tolist()
+        if grown and not self._grow_rows(kept, requests, grown, num_blocks):
+            return None
+        size, host = self.block_size, kept.host
+        ints, int32s = host.ints, host.int32s
+        blocks = self.tables[kept.slots, starts // size]
+        ints[kept.positions] = starts
+        ints[kept.slot_mapping] = np.multiply(blocks, size, dtype=np.int64) + starts % size
+        ints[kept.offsets] = known + pending - kept.drawn_base
+        int32s[kept.seq_lens] = starts + 1
+        kept.step_id = step_id
+        for row, req in enumerate(requests):
+            req.sample_row, req.sample_step = row, step_id
+        self.num_repacked += 1
+        meta = host.meta._replace(max_seqlen_k=int(starts.max()) + 1)
+        return host._replace(ints=ints.copy(), int32s=int32s.copy(), floats=host.floats.copy(),
+                             meta=meta)  # fmt: skip
+
+    def _grow_rows(
+        self, kept: _Kept, requests: Sequence[Request], rows: list[int], num_blocks: np.ndarray
+    ) -> bool:
+        """Write the blocks that `rows` gained into their slots' and the kept step's table
+        rows; False (writing nothing) when one no longer fits the step's table width."""
+        width = kept.host.meta.table_width
+        counts = num_blocks[rows].tolist()
+        if max(counts) > width:
+            return False
+        for row, count in zip(rows, counts):
+            slot, start = int(kept.slots[row]), int(kept.num_blocks[row])
+            assert count > start, "a request lost blocks but kept its slot's key"
+            gained = requests[row].block_ids[start:count]
+            self.tables[slot, start:count] = gained
+            at = kept.tables + row * width
+            kept.host.int32s[at + start : at + count] = gained
+            self._num_blocks[slot] = kept.num_blocks[row] = count
+        return True
 
     # ---- slots ---------------------------------------------------------------------------
 
@@ -227,6 +338,41 @@ class PersistentBatch:
             pairs.extend((row, t) for t in requests[row].banned_token_ids(int(drawn[row])))
         banned = np.array(pairs, np.int64).reshape(-1, 2).T
         return banned[0], banned[1]
+
+
+class _Kept:
+    """The last step `pack` packed, kept for `_repack` (its arrays private copies)."""
+
+    __slots__ = ("drawn_base", "host", "keys", "num_blocks", "offsets", "positions",
+                 "requests", "seq_lens", "slot_mapping", "slots", "step_id", "tables")  # fmt: skip
+
+    def __init__(
+        self,
+        requests: list[Request],
+        keys: list[int],
+        step_id: int,
+        slots: np.ndarray,
+        num_blocks: np.ndarray,
+        drawn_base: np.ndarray,
+        host: HostStep,
+        positions: slice,
+        slot_mapping: slice,
+        offsets: slice,
+        seq_lens: slice,
+        tables: int,
+    ) -> None:
+        self.requests, self.keys, self.step_id = requests, keys, step_id
+        self.slots = slots
+        """Each row's slot."""
+        self.num_blocks = num_blocks
+        """Blocks each row of the step's table holds."""
+        self.drawn_base = drawn_base
+        """Prompt length + num_steps of each row: its sampling offset is known + pending - it."""
+        self.host = host
+        self.positions, self.slot_mapping, self.offsets = positions, slot_mapping, offsets
+        """Where those parts lie in `host.ints`..."""
+        self.seq_lens, self.tables = seq_lens, tables
+        """...and these in `host.int32s` (`tables`: where the block table starts)."""
 
 
 _NO_KEY = -2

@@ -105,7 +105,8 @@ class Scheduler:
         computed, known, pending, num_blocks = counts
         if not len(remaining) or remaining.max() > 1:
             return None
-        decodes = list(compress(running, remaining.tolist()))
+        every = bool(remaining.min())  # everyone decodes (the steady state), nobody is done
+        decodes = running[:] if every else list(compress(running, remaining.tolist()))
         if self.num_decode_steps > 1 and decodes:
             run = self._run_length(decodes)
             if run > 1:
@@ -114,7 +115,7 @@ class Scheduler:
             return None
         size = self.blocks.block_size
         short = (remaining > 0) & (computed + remaining > num_blocks * size)
-        needy = np.flatnonzero(short).tolist()
+        needy = short.nonzero()[0].tolist()
         if len(needy) > self.blocks.num_unused_blocks:
             return None  # someone is preempted: the general path decides whom
         for row in needy:  # a row whose last block is full takes one more (few a step)
@@ -122,9 +123,12 @@ class Scheduler:
             assert allocated, "the new blocks were counted before"
             num_blocks[row] = len(running[row].block_ids)
         if not self.waiting:  # nobody to admit: the steady state
-            rows = remaining > 0
             # Each decode computes and samples one more token (see `_finalize_decodes`).
-            counts = Counts(computed[rows] + 1, known[rows], pending[rows] + 1, num_blocks[rows])
+            if not every:
+                rows = remaining > 0
+                computed, known, pending = computed[rows], known[rows], pending[rows]
+                num_blocks = num_blocks[rows]
+            counts = Counts(computed + 1, known, pending + 1, num_blocks)
             return self._finalize_decodes(step_id, decodes, counts)
         picked = dict.fromkeys(decodes, 1)
         self._admit(picked, self.max_num_batched_tokens - len(decodes))
@@ -257,7 +261,7 @@ class Scheduler:
         registered = np.fromiter(map(_registered_of, reqs), np.int64, n)
         # Tested for all at once: most steps fill no block for most requests.
         full = np.minimum(computed, known) // self.blocks.block_size
-        for row in np.flatnonzero(full > registered).tolist():
+        for row in (full > registered).nonzero()[0].tolist():
             if reqs[row].status is RequestStatus.RUNNING:
                 self.blocks.register_full_blocks(reqs[row])
 
