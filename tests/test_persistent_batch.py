@@ -147,6 +147,8 @@ async def test_every_decode_step_packs_as_the_general_path(
     assert checked.counted_steps > (10 if num_decode_steps == 1 else 0)
     assert checked.joins > len(engine._core.persistent.owners)  # slots were reused
     assert checked.grown_rows > 0
+    if overlap:  # steady steps (every input pending) were repacked from the step before
+        assert engine._core.persistent.num_repacked > 5
     assert all_blocks_unused(stats)
 
 
@@ -218,6 +220,124 @@ def test_a_penalised_request_leaves_the_step_to_the_general_path() -> None:
     plain = decoding(request("p", [5] * 3), [1])
     penalised = decoding(request("q", [6] * 3, presence_penalty=0.5), [2])
     assert batch.pack([plain, penalised], 1, 0) is None
+
+
+# ---- steady steps, repacked from the step before -------------------------------------------
+
+
+def general_step(requests: list[Request], step_id: int) -> HostStep:
+    """The general path's `HostStep` for a decode step of `requests` (leaving their sample
+    rows as they were, for the persistent batch to set)."""
+    rows = [(r.sample_row, r.sample_step) for r in requests]
+    step = ScheduledStep(step_id, requests, [1] * len(requests), [True] * len(requests))
+    host = pack_step(EngineCore.__new__(EngineCore)._batch(step), BLOCK)
+    for req, (row, last) in zip(requests, rows):
+        req.sample_row, req.sample_step = row, last
+    return host
+
+
+class SteadyRun:
+    """Requests past their prefill, stepped as the overlapped engine steps them: each step
+    decodes the token the step before drew (pending), taking a fresh block at a boundary;
+    the step before's tokens land after the step is packed (`land`)."""
+
+    def __init__(self, prompt_lens: list[int]) -> None:
+        self.fresh = iter(range(100, 10_000))
+        params = [dict(temperature=0.7, top_k=3, seed=5), dict(temperature=0),
+                  dict(temperature=1.0, top_p=0.8, min_p=0.1, logprobs=1)]  # fmt: skip
+        self.requests = []
+        for index, length in enumerate(prompt_lens):
+            req = request(f"r{index}", [3 + index] * length, **params[index % len(params)])
+            req.block_ids = [next(self.fresh) for _ in range(-(-length // BLOCK))]
+            req.num_computed_tokens, req.num_pending_tokens = length, 1  # the prefill sampled
+            # The prefill step sampled them in another order (the first step's pending rows).
+            req.sample_row, req.sample_step = len(prompt_lens) - 1 - index, 0
+            self.requests.append(req)
+
+    def schedule(self) -> None:
+        for req in self.requests:
+            req.num_computed_tokens += 1
+            req.num_pending_tokens += 1
+            while len(req.block_ids) * BLOCK < req.num_computed_tokens:
+                req.block_ids.append(next(self.fresh))
+
+    def land(self) -> None:
+        for req in self.requests:
+            req.num_pending_tokens -= 1
+            req.token_ids.append(11)
+
+
+def test_steady_steps_are_repacked_exactly_as_the_general_path_packs_them() -> None:
+    """Positions, slot mappings across block boundaries, rows gaining blocks, sequence
+    lengths and sampling offsets, step after step; a row outgrowing the table's width
+    (16 -> 32 blocks) is packed in full, and the steps after it are repacked again."""
+    run = SteadyRun([3, 9, 62])  # 62 tokens: the 17th block (a wider table) comes at step 3
+    batch = PersistentBatch(num_slots=4, block_size=BLOCK)
+    widths = []
+    for step_id in range(1, 14):
+        run.schedule()
+        general = general_step(run.requests, step_id)
+        counts = read_counts(run.requests) if step_id % 2 else None  # given, or read
+        host = batch.pack(run.requests, 1, step_id, counts)
+        assert host is not None
+        assert_same_step(host, general)
+        widths.append(host.meta.table_width)
+        # The runner writes into what it is handed (the pending inputs, on CPU): the next
+        # step must not see it.
+        for array in (host.ints, host.int32s, host.floats):
+            array.fill(-7)
+        run.land()
+    assert widths[0] == 16 and widths[-1] == 32
+    # Every step but the first (nothing kept yet) and the one that widened the table.
+    assert batch.num_repacked == 11
+
+
+def test_a_step_whose_inputs_are_known_on_the_host_is_packed_in_full() -> None:
+    """Without overlap the step before's tokens land before the next step is scheduled: its
+    inputs are known token ids, not pending rows, so the kept step does not fit it."""
+    run = SteadyRun([5, 6])
+    batch = PersistentBatch(num_slots=2, block_size=BLOCK)
+    for step_id in range(1, 6):
+        run.land()  # the token of the step before (first: the prefill's)
+        run.schedule()
+        general = general_step(run.requests, step_id)
+        host = batch.pack(run.requests, 1, step_id)
+        assert host is not None
+        assert_same_step(host, general)
+    assert batch.num_repacked == 0
+
+
+def test_a_kept_step_does_not_fit_a_step_whose_inputs_have_landed_since() -> None:
+    """The step before drew pending inputs (kept), then its tokens landed before the next
+    step was scheduled (the pipeline had drained): that step's inputs are known tokens."""
+    run = SteadyRun([5, 6])
+    batch = PersistentBatch(num_slots=2, block_size=BLOCK)
+    run.schedule()
+    assert batch.pack(run.requests, 1, 1) is not None
+    run.land()
+    run.land()  # the prefill's token and step 1's
+    run.schedule()
+    general = general_step(run.requests, 2)
+    host = batch.pack(run.requests, 1, 2)
+    assert host is not None
+    assert_same_step(host, general)
+    assert batch.num_repacked == 0
+
+
+def test_a_step_of_other_requests_or_order_is_packed_in_full() -> None:
+    run = SteadyRun([5, 6, 7])
+    batch = PersistentBatch(num_slots=3, block_size=BLOCK)
+    run.schedule()
+    batch.pack(run.requests, 1, 1)
+    run.requests.reverse()  # the same requests in another order: other rows
+    for req in run.requests:
+        req.num_computed_tokens += 1
+        req.num_pending_tokens += 1
+    general = general_step(run.requests, 2)
+    host = batch.pack(run.requests, 1, 2)
+    assert host is not None
+    assert_same_step(host, general)
+    assert batch.num_repacked == 0
 
 
 # ---- the scheduler's vectorised decode test -----------------------------------------------

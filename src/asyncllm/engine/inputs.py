@@ -404,7 +404,9 @@ def device_step(
     to_device: Callable[[np.ndarray], torch.Tensor] = staging or torch.from_numpy
     views = _unpack(to_device(host.ints), host.int_sizes)
     views32 = _unpack(to_device(host.int32s), host.int32_sizes)
-    f32 = to_device(host.floats)[:, : host.int_sizes["seeds"]]  # one column per sampled row
+    f32, num_sampled = to_device(host.floats), host.int_sizes["seeds"]
+    if f32.shape[1] != num_sampled:  # one column per sampled row, without the padding
+        f32 = f32[:, :num_sampled]
     meta = host.meta
     ctx = ForwardContext(
         positions=views["positions"],

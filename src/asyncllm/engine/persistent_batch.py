@@ -195,7 +195,7 @@ class PersistentBatch:
         counts = counts if counts is not None else read_counts(requests)
         computed, known, pending, num_blocks = counts
         starts = computed - num_steps
-        if not (known <= starts).all():
+        if np.logical_or.reduce(known > starts):
             return None  # some input is known on the host (its step was processed already)
         grown = (num_blocks != kept.num_blocks).nonzero()[0].tolist()
         if grown and not self._grow_rows(kept, requests, grown, num_blocks):
@@ -211,9 +211,9 @@ class PersistentBatch:
         for row, req in enumerate(requests):
             req.sample_row, req.sample_step = row, step_id
         self.num_repacked += 1
-        meta = host.meta._replace(max_seqlen_k=int(starts.max()) + 1)
-        return host._replace(ints=ints.copy(), int32s=int32s.copy(), floats=host.floats.copy(),
-                             meta=meta)  # fmt: skip
+        meta = host.meta._replace(max_seqlen_k=int(np.maximum.reduce(starts)) + 1)
+        return HostStep(ints.copy(), host.int_sizes, int32s.copy(), host.int32_sizes,
+                        host.floats.copy(), meta)  # fmt: skip
 
     def _grow_rows(
         self, kept: _Kept, requests: Sequence[Request], rows: list[int], num_blocks: np.ndarray
