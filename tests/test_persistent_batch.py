@@ -413,6 +413,25 @@ def test_vectorised_decode_scheduling_picks_what_the_general_loop_picks(
     assert worlds[1].scheduler.num_preemptions > 0
 
 
+def test_a_finished_request_still_running_is_not_scheduled_again() -> None:
+    """An aborted request keeps its place among the running (and its blocks) until no
+    launched step can write to them; the next step leaves it out, though it has a token
+    left to compute."""
+    blocks = BlockManager(num_blocks=20, block_size=BLOCK, enable_prefix_caching=True)
+    scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=32)
+    a, b = (Request(name, [1, 2, 3], SamplingParams(max_tokens=5), 5, seed=0,
+                    eos_token_ids=frozenset(), detokenizer=None) for name in "ab")  # fmt: skip
+    scheduler.add(a)
+    scheduler.add(b)
+    for req in scheduler.schedule(0).requests:  # the prompts; each draws a token
+        req.num_pending_tokens -= 1
+        req.append_tokens([4], None, 0.0)
+    b.finish("abort")
+    step = scheduler.schedule(1)
+    assert step.requests == [a]
+    assert step.counts is not None  # the vectorised decode test took it
+
+
 # ---- processing a decode step's tokens ----------------------------------------------------
 
 

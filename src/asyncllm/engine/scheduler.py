@@ -114,7 +114,10 @@ class Scheduler:
         if len(decodes) > self.max_num_batched_tokens:
             return None
         size = self.blocks.block_size
-        short = (remaining > 0) & (computed + remaining > num_blocks * size)
+        if every:  # each computes one more token: those whose last block is full need one
+            short = computed >= num_blocks * size
+        else:
+            short = (remaining > 0) & (computed + remaining > num_blocks * size)
         needy = short.nonzero()[0].tolist()
         if len(needy) > self.blocks.num_unused_blocks:
             return None  # someone is preempted: the general path decides whom
@@ -290,10 +293,12 @@ def _remaining_all(reqs: list[Request]) -> tuple[np.ndarray, Counts]:
     n = len(reqs)
     counts = read_counts(reqs)
     limit = np.fromiter(map(_limit_of, reqs), np.int64, n)
-    finished = np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
     reached = counts.known + counts.pending
     remaining = reached - counts.computed
-    remaining[finished | (reached >= limit)] = 0
+    done = reached >= limit
+    if any(map(_reason_of, reqs)):  # someone finished (a reason is a non-empty str): rare
+        done |= np.fromiter(map(is_not, map(_reason_of, reqs), repeat(None)), bool, n)
+    remaining[done] = 0
     return remaining, counts
 
 
