@@ -68,8 +68,10 @@ class EngineConfig:
     torch.dtype itself)."""
     max_num_seqs: int = 256
     """Most requests decoded together in one step."""
-    max_num_batched_tokens: int = 8192
-    """Token budget of one step; longer prompts are prefilled in chunks of at most this."""
+    max_num_batched_tokens: int = 16384
+    """Token budget of one step; longer prompts are prefilled in chunks of at most this.
+    (16384 rather than 8192: prefill steps are launched eagerly, and on an H200 the launch of
+    an 8192-token step took as long as the step itself; docs/benchmarks.md.)"""
     max_model_len: int | None = None
     """Longest prompt + output; None takes the model's limit, capped by the KV pool."""
     block_size: int = 16

@@ -104,6 +104,8 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
         overrides["block_size"] = args.block_size
     if args.num_decode_steps:
         overrides["num_decode_steps"] = args.num_decode_steps
+    if args.max_num_batched_tokens:
+        overrides["max_num_batched_tokens"] = args.max_num_batched_tokens
     engine = AsyncEngine.from_pretrained(str(model_dir), **overrides)
     params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
               for n in outputs]  # fmt: skip
@@ -223,6 +225,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--num-decode-steps", type=int, default=0,
                    help="decode steps per launch (default: 0, the engine's default)")  # fmt: skip
+    p.add_argument("--max-num-batched-tokens", type=int, default=0,
+                   help="tokens per step (default: 0, the engine's default)")  # fmt: skip
     p.add_argument("--peers", type=_peers_argument, default=("transformers",),
                    help=f"peers to run on the same workload, each in its own process: "
                         f"comma-separated from {','.join(PEERS)}, or none "

@@ -327,10 +327,14 @@ class TritonAttention(AttentionBackend):
             # tiles over 8 warps are the largest that compile without spills, for every D.
             block_n, num_warps, num_stages = 32, 8, 2
         elif head_dim <= 128 and kv_dtype == torch.float8_e4m3fn:
-            # Two H200 sweeps at 256 rows: 224-225 us against 239 with three stages.
-            block_n, num_warps, num_stages = 128, 4, 2
+            # One warp a program, many programs an SM: the H200 sweep of 2026-11-23 (see
+            # docs/kernels-notes.md) read float8 at 84-86% of copy bandwidth this way, 1.35x
+            # the 4-warp tiles of 128 keys, at 32 to 256 rows.
+            block_n, num_warps, num_stages = 64, 1, 3
         elif head_dim <= 128:
-            block_n, num_warps, num_stages = 128, 4, 3  # best of the H100 sweep
+            # Same sweep, 16-bit caches: 248-253 us against 255-275 for (128, 4, 3) at 32-256
+            # rows x 1-8k keys; never slower.
+            block_n, num_warps, num_stages = 32, 1, 3
         else:
             block_n, num_warps, num_stages = 32, 4, 2
         tuning = self.decode_tuning

@@ -256,7 +256,9 @@ def decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table_row_ptr = block_tables_ptr + row * stride_bt_seq
     head_off = kv_head.to(tl.int64) * stride_c_head
-    for tile_start in range(start, end, BLOCK_N):
+    # Whole tiles load unmasked; only the last, partial one needs its keys masked.
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for tile_start in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q,
             acc,
@@ -266,6 +268,29 @@ def decode_split_kernel(
             v_cache_ptr,
             table_row_ptr,
             tile_start,
+            end,
+            end,
+            head_off,
+            stride_c_block,
+            stride_c_slot,
+            scale_log2,
+            HEAD_DIM,
+            PAGE_SIZE,
+            BLOCK_N,
+            False,
+            False,
+            DOT_PRECISION,
+        )
+    if full_end < end:
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_cache_ptr,
+            v_cache_ptr,
+            table_row_ptr,
+            full_end,
             end,
             end,
             head_off,
