@@ -281,6 +281,10 @@ def test_steady_steps_are_repacked_exactly_as_the_general_path_packs_them() -> N
         host = batch.pack(run.requests, 1, step_id, counts)
         assert host is not None
         assert_same_step(host, general)
+        # Each request samples in its row (the next step's pending inputs read it there).
+        assert [(r.sample_row, r.sample_step) for r in run.requests] == [
+            (row, step_id) for row in range(3)
+        ]
         widths.append(host.meta.table_width)
         # The runner writes into what it is handed (the pending inputs, on CPU): the next
         # step must not see it.

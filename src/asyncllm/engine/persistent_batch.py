@@ -208,8 +208,8 @@ class PersistentBatch:
         ints[kept.offsets] = known + pending - kept.drawn_base
         int32s[kept.seq_lens] = starts + 1
         kept.step_id = step_id
-        for row, req in enumerate(requests):
-            req.sample_row, req.sample_step = row, step_id
+        for req in requests:  # each samples in the row it sampled in before
+            req.sample_step = step_id
         self.num_repacked += 1
         meta = host.meta._replace(max_seqlen_k=int(np.maximum.reduce(starts)) + 1)
         return HostStep(ints.copy(), host.int_sizes, int32s.copy(), host.int32_sizes,
