@@ -31,6 +31,7 @@ decodes again. Slots are never released explicitly: a slot whose owner left the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from operator import attrgetter
 
@@ -340,39 +341,28 @@ class PersistentBatch:
         return banned[0], banned[1]
 
 
+@dataclasses.dataclass(slots=True)
 class _Kept:
     """The last step `pack` packed, kept for `_repack` (its arrays private copies)."""
 
-    __slots__ = ("drawn_base", "host", "keys", "num_blocks", "offsets", "positions",
-                 "requests", "seq_lens", "slot_mapping", "slots", "step_id", "tables")  # fmt: skip
-
-    def __init__(
-        self,
-        requests: list[Request],
-        keys: list[int],
-        step_id: int,
-        slots: np.ndarray,
-        num_blocks: np.ndarray,
-        drawn_base: np.ndarray,
-        host: HostStep,
-        positions: slice,
-        slot_mapping: slice,
-        offsets: slice,
-        seq_lens: slice,
-        tables: int,
-    ) -> None:
-        self.requests, self.keys, self.step_id = requests, keys, step_id
-        self.slots = slots
-        """Each row's slot."""
-        self.num_blocks = num_blocks
-        """Blocks each row of the step's table holds."""
-        self.drawn_base = drawn_base
-        """Prompt length + num_steps of each row: its sampling offset is known + pending - it."""
-        self.host = host
-        self.positions, self.slot_mapping, self.offsets = positions, slot_mapping, offsets
-        """Where those parts lie in `host.ints`..."""
-        self.seq_lens, self.tables = seq_lens, tables
-        """...and these in `host.int32s` (`tables`: where the block table starts)."""
+    requests: list[Request]
+    keys: list[int]
+    step_id: int
+    slots: np.ndarray
+    """Each row's slot."""
+    num_blocks: np.ndarray
+    """Blocks each row of the step's table holds."""
+    drawn_base: np.ndarray
+    """Prompt length + num_steps of each row: its sampling offset is known + pending - it."""
+    host: HostStep
+    positions: slice
+    """Where positions, slot mapping and sampling offsets lie in `host.ints`..."""
+    slot_mapping: slice
+    offsets: slice
+    seq_lens: slice
+    """...and the sequence lengths in `host.int32s`."""
+    tables: int
+    """Where the block table starts in `host.int32s`."""
 
 
 _NO_KEY = -2
