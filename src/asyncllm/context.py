@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from asyncllm.errors import NoForwardContextError
@@ -71,6 +71,15 @@ class ForwardContext:
     def is_prefill_only(self) -> bool:
         """True when no sequence is a single-token decode."""
         return self.num_decode_seqs == 0
+
+    def with_attn_metadata(self) -> ForwardContext:
+        """This context with what its attention backend precomputes for the step
+        (`AttentionBackend.build_metadata`, enqueued on the current stream); often nothing,
+        and then the context itself."""
+        metadata = self.attn_backend.build_metadata(self)
+        if metadata is None and self.attn_metadata is None:
+            return self
+        return replace(self, attn_metadata=metadata)
 
 
 _CURRENT: ContextVar[ForwardContext] = ContextVar("asyncllm_forward_context")

@@ -235,6 +235,13 @@ def test_zero_length_rows_come_back_as_zeros() -> None:
     assert torch.equal(padding, torch.zeros_like(padding))
 
 
+def test_longest_first_changes_no_output_bit() -> None:
+    """Decode rows run longest first (the default) or in row order: identical outputs."""
+    step = make_step(*_CASES["decode-256-random"], num_kv_heads=8, group=2)
+    in_order = run_flash(step, FlashAttention(longest_first=False))
+    assert torch.equal(run_flash(step), in_order)
+
+
 # ---- CUDA graphs ---------------------------------------------------------------------------
 
 
@@ -266,9 +273,9 @@ class CapturedDecode:
         self.out = self._capture(ctx)
 
     def _capture(self, ctx: ForwardContext) -> torch.Tensor:
-        def forward() -> torch.Tensor:
-            return self.backend.forward(ctx, self.q, self.k, self.v, self.k_cache, self.v_cache,
-                                        DIM**-0.5)  # fmt: skip
+        def forward() -> torch.Tensor:  # as the engine's graphs: rows sorted in the graph
+            return self.backend.forward(ctx.with_attn_metadata(), self.q, self.k, self.v,
+                                        self.k_cache, self.v_cache, DIM**-0.5)  # fmt: skip
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

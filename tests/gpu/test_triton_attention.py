@@ -30,6 +30,7 @@ from asyncllm.kernels.triton_attn import (
     DecodeTuning,
     PrefillTuning,
     TritonAttention,
+    TritonMetadata,
     triton_store_kv,
 )
 
@@ -423,6 +424,33 @@ def test_any_split_count_gives_the_same_answer(splits: int) -> None:
         seed=splits,
     )
     run_and_check(case, TritonAttention(decode=DecodeTuning(fixed_splits=splits)))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("prefills", [[], [(30, 50)]], ids=["decode", "mixed"])
+def test_longest_first_launch_order_changes_no_output(
+    splits: int, prefills: list[tuple[int, int]]
+) -> None:
+    """Decode rows launched longest first (the default, from the step's metadata or
+    computed in `forward`) give bit-identical outputs to rows launched in order."""
+    case = make_case(
+        _random_lens(5, 40, 1, 3000), prefills, num_padding=3, num_kv_heads=8, group=2,
+        head_dim=128, page_size=256, kv_dtype=FP8,
+    )  # fmt: skip
+    outs = []
+    for longest_first, with_metadata in ((False, False), (True, False), (True, True)):
+        tuning = DecodeTuning(fixed_splits=splits, longest_first=longest_first)
+        backend, ctx = TritonAttention(decode=tuning), case.ctx
+        if with_metadata:  # as the engine runs it: the order sorted once per step
+            ctx = dataclasses.replace(ctx, attn_backend=backend).with_attn_metadata()
+            assert isinstance(ctx.attn_metadata, TritonMetadata)
+        out = torch.full_like(case.q, float("nan"))
+        backend.forward_into(out, ctx, case.q, None, None, case.k_cache, case.v_cache, case.scale)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.gpu

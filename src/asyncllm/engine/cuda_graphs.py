@@ -82,19 +82,21 @@ class DecodeGraphs:
             attn_backend=self.backend,
         )
 
+    def _forward(self, size: int) -> torch.Tensor:
+        # The backend's per-step metadata is computed inside the graph, from its buffers.
+        with forward_context(self._context(size).with_attn_metadata()):
+            return self.model.compute_logits(self.model(self.input_ids[:size]))
+
     @torch.inference_mode()
     def _capture(self) -> None:
-        model, stream = self.model, self.stream
-        pool = None
+        stream, pool = self.stream, None
         for size in reversed(self.sizes):  # largest first: the rest reuse its memory pool
-            ctx = self._context(size)
-            with forward_context(ctx):
-                model.compute_logits(model(self.input_ids[:size]))  # warm-up (lazy inits)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(
-                    graph, pool=pool, stream=stream, capture_error_mode=self._capture_mode
-                ):
-                    self.logits[size] = model.compute_logits(model(self.input_ids[:size]))
+            self._forward(size)  # warm-up (lazy inits)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(
+                graph, pool=pool, stream=stream, capture_error_mode=self._capture_mode
+            ):
+                self.logits[size] = self._forward(size)
             self.graphs[size] = graph
             pool = graph.pool()
         logger.info("captured %d decode CUDA graphs (%s attention, batch sizes %s)",

@@ -420,7 +420,6 @@ def device_step(
         num_decode_seqs=meta.num_decode_seqs,
         attn_backend=backend,
     )
-    ctx = _with_metadata(ctx)
     pending = host.int_sizes["pending_dst"] > 0
     return PreparedStep(
         ctx=ctx,
@@ -448,19 +447,9 @@ def next_decode_step(prepared: PreparedStep, drawn: torch.Tensor, block_size: in
         seq_lens_k=ctx.seq_lens_k + 1,
         max_seqlen_k=ctx.max_seqlen_k + 1,
     )
-    ctx = _with_metadata(ctx)
     sampling = prepared.sampling._replace(offsets=prepared.sampling.offsets + 1)
     return prepared._replace(ctx=ctx, input_ids=drawn, pending_dst=None, pending_src=None,
                              sampling=sampling)  # fmt: skip
-
-
-def _with_metadata(ctx: ForwardContext) -> ForwardContext:
-    """`ctx` with what its attention backend precomputes for it (often nothing: then `ctx`
-    itself, sparing a `dataclasses.replace` every step)."""
-    metadata = ctx.attn_backend.build_metadata(ctx)
-    if metadata is None and ctx.attn_metadata is None:
-        return ctx
-    return dataclasses.replace(ctx, attn_metadata=metadata)
 
 
 def _block_tables(rows: list[Sequence[int] | np.ndarray]) -> np.ndarray:

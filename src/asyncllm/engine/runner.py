@@ -284,6 +284,11 @@ class ModelRunner:
         self.execute(prefills)
         self.execute(decodes)
         self.execute([SeqStep([1] * 4, 0, blocks, None)])  # a chunk that samples nothing
+        # The sampler's kernels with penalties: greedy rows only, then sampled ones too.
+        penalised = [SamplingParams(temperature=t, repetition_penalty=1.1) for t in (0, 0.7)]
+        steps = [SeqStep([1], 20 + i, blocks, SampleSpec(p, 0, 0)) for i, p in enumerate(penalised)]
+        self.execute(steps[:1])
+        self.execute(steps)
         self.kv_cache.zero_()
 
     def _resolve_max_model_len(self) -> int:
@@ -400,7 +405,7 @@ class ModelRunner:
     def _logits(self, prepared: PreparedStep, input_ids: torch.Tensor) -> torch.Tensor:
         if self.graphs is not None and self.graphs.fits(prepared.ctx):
             return self.graphs.replay(prepared.ctx, input_ids)
-        with forward_context(prepared.ctx):
+        with forward_context(prepared.ctx.with_attn_metadata()):
             return self.model.compute_logits(self.model(input_ids))
 
     def _receive_tokens(self, prepared: PreparedStep) -> torch.Tensor:

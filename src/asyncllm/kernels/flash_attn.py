@@ -14,7 +14,10 @@ a multiple of 256 tokens):
 Decodes run one key split (`decode_splits=1`) by default: flash-attn sizes its splits by
 the block table's *width*, which in a graph is the whole `max_model_len`, so extra splits
 would mostly idle; and with one split a row's result does not depend on that width, so a
-graph replay and an eager step give bit-identical outputs.
+graph replay and an eager step give bit-identical outputs. They also run longest sequence
+first: `build_metadata` sorts the rows' lengths and tables once per step, and each layer
+permutes q and the output, because the GPU starts flash-attn's programs in batch order and
+a long row started last runs on alone at the end.
 
 Builds of flash-attn may compile only some head sizes and architectures (the shared wheel:
 head_dim 128, sm_90, fp16/bf16): `unsupported_reason` runs the kernel once on a tiny input
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,7 @@ from asyncllm.kernels.torch_ref import store_kv
 if TYPE_CHECKING:
     from asyncllm.context import ForwardContext
 
-__all__ = ["FlashAttention", "flash_attn_import_error"]
+__all__ = ["FlashAttention", "LongestFirst", "flash_attn_import_error"]
 
 PAGE_MULTIPLE = 256
 """flash-attn's paged KV cache needs block_size % PAGE_MULTIPLE == 0."""
@@ -44,6 +47,17 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class LongestFirst(NamedTuple):
+    """A decode-only step's rows, longest sequence first (`FlashAttention.build_metadata`)."""
+
+    order: torch.Tensor
+    """[B] int64: row i of the sorted step is row order[i] of the step."""
+    seq_lens: torch.Tensor
+    """[B] int32: the rows' KV lengths, sorted."""
+    block_tables: torch.Tensor
+    """[B, W] int32: the rows' block tables, sorted."""
 
 
 class FlashAttention(AttentionBackend):
@@ -58,8 +72,9 @@ class FlashAttention(AttentionBackend):
     name: ClassVar[str] = "flash_attn"
     supports_cuda_graphs: ClassVar[bool] = True
 
-    def __init__(self, decode_splits: int = 1) -> None:
-        """`decode_splits`: key splits of a decode row (0: flash-attn's own heuristic)."""
+    def __init__(self, decode_splits: int = 1, longest_first: bool = True) -> None:
+        """`decode_splits`: key splits of a decode row (0: flash-attn's own heuristic);
+        `longest_first`: run decode rows longest sequence first (see the module docstring)."""
         from flash_attn import (  # ImportError: backend unavailable
             flash_attn_varlen_func,
             flash_attn_with_kvcache,
@@ -68,6 +83,7 @@ class FlashAttention(AttentionBackend):
         if not isinstance(decode_splits, int) or not 0 <= decode_splits <= 128:
             raise ValueError(f"decode_splits must be an int in [0, 128], got {decode_splits!r}")
         self.decode_splits = decode_splits
+        self.longest_first = longest_first
         self._varlen: Callable[..., torch.Tensor] = flash_attn_varlen_func
         self._with_kvcache: Callable[..., torch.Tensor] = flash_attn_with_kvcache
         self._store_kv = _store_kv_function()
@@ -101,11 +117,14 @@ class FlashAttention(AttentionBackend):
         return _kernel_error(device, block_size, head_dim, dtype)
 
     def build_metadata(self, ctx: ForwardContext) -> Any:
-        """cu_seqlens_k for the varlen call (prefix sums of the KV lengths); decode-only steps
-        need none."""
-        if ctx.is_decode_only:
+        """cu_seqlens_k for the varlen call (prefix sums of the KV lengths); for a decode-only
+        step, its rows longest first (`LongestFirst`), or None in row order."""
+        if not ctx.is_decode_only:
+            return _cu_seqlens_k(ctx)
+        if not self.longest_first:
             return None
-        return _cu_seqlens_k(ctx)
+        order = torch.argsort(ctx.seq_lens_k, descending=True)
+        return LongestFirst(order, ctx.seq_lens_k[order], ctx.block_tables[order])
 
     def forward(
         self,
@@ -139,13 +158,23 @@ class FlashAttention(AttentionBackend):
         v_cache: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """One query per row: [B, 1, Hq, D] against each row's first seq_lens_k[b] keys."""
+        """One query per row: [B, 1, Hq, D] against each row's first seq_lens_k[b] keys (in
+        the step's `LongestFirst` order when it has one)."""
+        sorted_rows = ctx.attn_metadata if isinstance(ctx.attn_metadata, LongestFirst) else None
+        seq_lens, tables = ctx.seq_lens_k, ctx.block_tables
+        if sorted_rows is not None:
+            q, seq_lens, tables = (
+                q[sorted_rows.order],
+                sorted_rows.seq_lens,
+                sorted_rows.block_tables,
+            )
         out = self._with_kvcache(
-            q.unsqueeze(1), k_cache, v_cache,
-            cache_seqlens=ctx.seq_lens_k, block_table=ctx.block_tables,
+            q.unsqueeze(1), k_cache, v_cache, cache_seqlens=seq_lens, block_table=tables,
             softmax_scale=scale, causal=True, num_splits=self.decode_splits,
-        )  # fmt: skip
-        return out.squeeze(1)
+        ).squeeze(1)  # fmt: skip
+        if sorted_rows is None:
+            return out
+        return torch.empty_like(out).index_copy_(0, sorted_rows.order, out)
 
 
 def flash_attn_import_error() -> str | None:

@@ -202,6 +202,7 @@ def decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    order_ptr,
     out_ptr,
     part_ml_ptr,
     part_acc_ptr,
@@ -222,11 +223,13 @@ def decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    ORDERED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr,
 ):
     """One program per (KV head, split, decode row): attend the row's GQA group of queries
-    to one contiguous share of its keys.
+    to one contiguous share of its keys. With ORDERED, the i-th row of the grid is decode
+    row `order[i]`, so programs start in that order (longest sequence first).
 
     Split s covers keys [s * per_split, (s + 1) * per_split) with per_split =
     ceil(seq_len / num_splits) rounded up to BLOCK_N, so the grid never depends on sequence
@@ -237,7 +240,10 @@ def decode_split_kernel(
     """
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
-    row = tl.program_id(2).to(tl.int64)
+    if ORDERED:
+        row = tl.load(order_ptr + tl.program_id(2)).to(tl.int64)
+    else:
+        row = tl.program_id(2).to(tl.int64)
     num_q_heads = tl.num_programs(0) * GROUP
 
     seq_len = tl.load(seq_lens_ptr + row, mask=row < num_seqs, other=0)

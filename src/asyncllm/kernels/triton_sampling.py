@@ -99,9 +99,13 @@ def _gumbel_argmax_kernel(
     tl.store(index_ptr + at, winner)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["parts"])
 def _argmax_of_parts_kernel(best_ptr, index_ptr, out_ptr, parts, vocab, PARTS: tl.constexpr):
-    """A row's winner over its slices: the best score, the lowest index among equals."""
+    """A row's winner over its slices: the best score, the lowest index among equals.
+
+    `parts` changes with the number of rows; PARTS (a bound on it) depends on the vocabulary
+    only, so neither compiles a new variant mid-run (each compile stalled a step ~50 ms).
+    """
     row = tl.program_id(0)
     i = tl.arange(0, PARTS)
     inside = i < parts
@@ -146,8 +150,9 @@ def gumbel_argmax(
         GREEDY_TEMPERATURE, counts, prompt, presence, frequency, repetition,
         PENALISE=penalties is not None, ALL_GREEDY=all_greedy, BLOCK=_BLOCK, num_warps=8,
     )  # fmt: skip
+    most_parts = triton.cdiv(vocab, _BLOCK)  # one block per slice
     _argmax_of_parts_kernel[(rows,)](
-        best, index, out, parts, vocab, PARTS=triton.next_power_of_2(parts), num_warps=1
+        best, index, out, parts, vocab, PARTS=triton.next_power_of_2(most_parts), num_warps=1
     )
     return out
 
