@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "kernels", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 # The CPU build of torch: on the CI machines this pin resolves to a local CPU wheel, so the
@@ -26,6 +26,17 @@ def tests(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "not gpu", *session.posargs)
+
+
+@nox.session
+def kernels(session: nox.Session) -> None:
+    """The Triton attention kernels on the CPU, under Triton's interpreter: small shapes
+    through every kernel against the torch reference (the GPU suite runs the full sweep).
+    Triton is the GPU machine's version; its interpreter needs NumPy < 2.4."""
+    session.install(TORCH)
+    session.install("-e", ".[test]", "triton==3.6.0", "numpy<2.4")
+    # The file's own main, not pytest: a check that cannot run fails here, never skips.
+    session.run("python", "tests/gpu/test_triton_attention.py", env={"TRITON_INTERPRET": "1"})
 
 
 def _run_from_source(session: nox.Session) -> None:

@@ -5,8 +5,10 @@ NaN, runs `TritonAttention`, and checks (1) every output element against `TorchA
 in higher precision on upcast copies of the same cache, (2) that padding rows are zeros, and
 (3) that `store_kv` changed exactly the mapped cache slots.
 
-The GPU tests need CUDA; `test_kernels_run_under_the_triton_interpreter` runs a few small
-shapes on the CPU by re-running this file under TRITON_INTERPRET=1.
+The GPU tests need CUDA. A few small shapes also run on the CPU, through this file's main
+under TRITON_INTERPRET=1. `nox -s kernels` runs it that way, in CI, with a NumPy the
+interpreter accepts; so does `test_kernels_run_under_the_triton_interpreter`, where Triton
+is installed.
 """
 
 from __future__ import annotations
@@ -595,12 +597,14 @@ def _interpreter_main() -> None:
                     dtype=dtype,
                     device="cpu",
                 )
-                backend = TritonAttention(
-                    decode=DecodeTuning(fixed_splits=3, block_n=16),
-                    prefill=PrefillTuning(block_m=16, block_n=16),
-                )
-                err = run_and_check(case, backend)
-                print(f"ok {dtype} page {page_size} {decode_lens} {prefills}: {err:.1e}")
+                for longest_first in (True, False):
+                    decode = DecodeTuning(fixed_splits=3, block_n=16, longest_first=longest_first)
+                    backend = TritonAttention(
+                        decode=decode, prefill=PrefillTuning(block_m=16, block_n=16)
+                    )
+                    err = run_and_check(case, backend)
+                    print(f"ok {dtype} page {page_size} {decode_lens} {prefills} "
+                          f"longest_first={longest_first}: {err:.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -240,10 +240,9 @@ def decode_split_kernel(
     """
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
-    if ORDERED:
-        row = tl.load(order_ptr + tl.program_id(2)).to(tl.int64)
-    else:
-        row = tl.program_id(2).to(tl.int64)
+    row = tl.program_id(2).to(tl.int64)
+    if ORDERED:  # the order covers the sequences only: rows past them stay where they are
+        row = tl.load(order_ptr + row, mask=row < num_seqs, other=row).to(tl.int64)
     num_q_heads = tl.num_programs(0) * GROUP
 
     seq_len = tl.load(seq_lens_ptr + row, mask=row < num_seqs, other=0)
