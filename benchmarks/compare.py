@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="random model folder (default: %(default)s)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write every run as JSON here")
     args = parser.parse_args(argv)
+    if len(args.variant) < 2:
+        parser.error("compare needs two --variant options or more")
     common = shlex.split(args.common)
     runs: list[dict[str, Any]] = []
     for round_index in range(args.rounds):
