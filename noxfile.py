@@ -32,7 +32,8 @@ def tests(session: nox.Session) -> None:
 def kernels(session: nox.Session) -> None:
     """The Triton attention kernels on the CPU, under Triton's interpreter: small shapes
     through every kernel against the torch reference (the GPU suite runs the full sweep).
-    Triton is the GPU machine's version; its interpreter needs NumPy < 2.4."""
+    Triton is the GPU machine's version. Its interpreter needs NumPy < 2.4: it turns scalar
+    loads into 1-element arrays and calls int() on them, which NumPy 2.4 refuses."""
     session.install(TORCH)
     session.install("-e", ".[test]", "triton==3.6.0", "numpy<2.4")
     # The file's own main, not pytest: a check that cannot run fails here, never skips.

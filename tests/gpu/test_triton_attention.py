@@ -6,9 +6,7 @@ in higher precision on upcast copies of the same cache, (2) that padding rows ar
 (3) that `store_kv` changed exactly the mapped cache slots.
 
 The GPU tests need CUDA. A few small shapes also run on the CPU, through this file's main
-under TRITON_INTERPRET=1. `nox -s kernels` runs it that way, in CI, with a NumPy the
-interpreter accepts; so does `test_kernels_run_under_the_triton_interpreter`, where Triton
-is installed.
+under TRITON_INTERPRET=1: `nox -s kernels` runs it that way, in CI.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import subprocess
-import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -558,24 +554,8 @@ def test_decode_graph_replays_with_new_lengths_and_tables() -> None:
 # ---- the CPU interpreter --------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_kernels_run_under_the_triton_interpreter() -> None:
-    """Small fp32/fp16 shapes through every kernel on the CPU (TRITON_INTERPRET=1)."""
-    import numpy
-
-    if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4):
-        # Triton 3.6's interpreter turns scalar loads into 1-element arrays and calls int()
-        # on them, which NumPy 2.4 refuses.
-        pytest.skip("the Triton interpreter needs NumPy < 2.4")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def _interpreter_main() -> None:
-    """Run small cases on the CPU; only meaningful with TRITON_INTERPRET=1 set."""
+    """Run small cases on the CPU (`nox -s kernels`); only meaningful with TRITON_INTERPRET=1."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     shapes = [
         ([3, 1, 40], [], 1, 2),

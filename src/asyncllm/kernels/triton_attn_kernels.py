@@ -241,7 +241,9 @@ def decode_split_kernel(
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
-    if ORDERED:  # the order covers the sequences only: rows past them stay where they are
+    # The order lists the decode rows; a decode-only grid may also hold rows past the last
+    # sequence (trailing padding tokens), which keep their place.
+    if ORDERED:
         row = tl.load(order_ptr + row, mask=row < num_seqs, other=row).to(tl.int64)
     num_q_heads = tl.num_programs(0) * GROUP
 
