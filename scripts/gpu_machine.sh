@@ -5,6 +5,7 @@
 #   bash scripts/gpu_machine.sh tests       # the GPU suite (kernel tests in parallel, then the rest)
 #   bash scripts/gpu_machine.sh throughput  # asyncllm bench throughput vs nano-vllm and transformers
 #   bash scripts/gpu_machine.sh bench       # throughput, then benchmarks/attention.py
+#   bash scripts/gpu_machine.sh trace       # one asyncllm-only run with --trace: where its time went
 #   bash scripts/gpu_machine.sh soak        # asyncllm bench soak: 10,000 requests, float32
 #
 # Carried, git-ignored folders (see the README's GPU section):
@@ -42,6 +43,13 @@ for what in "$@"; do
         -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu-engine-tests.log" || status=1 ;;
     throughput)
       throughput || status=1 ;;
+    trace)
+      # The same workload and THROUGHPUT_ARGS, no peers; trace_summary in the JSON gives each
+      # run's stream busy fraction and each kind of step's stream and launch time.
+      # shellcheck disable=SC2086
+      "$PY" -m asyncllm bench throughput --peers none --block-size 256 --work-dir "$WORK" \
+        --trace "$OUT/trace.json" --out "$OUT/traced.json" ${THROUGHPUT_ARGS:-} 2>&1 \
+        | tee "$OUT/traced.log" || status=1 ;;
     bench)
       throughput || status=1
       "$PY" benchmarks/attention.py --out "$OUT/attention.json" 2>&1 \
@@ -49,7 +57,7 @@ for what in "$@"; do
     soak)
       "$PY" -m asyncllm bench soak --device cuda --dtype float32 --tie-margin 1e-4 \
         --no-progress --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" || status=1 ;;
-    *) echo "unknown step: $what (tests, throughput, bench, soak)" >&2; status=2 ;;
+    *) echo "unknown step: $what (tests, throughput, trace, bench, soak)" >&2; status=2 ;;
   esac
 done
 exit $status

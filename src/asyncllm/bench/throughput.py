@@ -27,6 +27,7 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from asyncllm.bench.peers import (
     parse_peers,
     run_peers,
 )
+from asyncllm.bench.trace import StepTrace, summarize
 from asyncllm.config import ATTENTION_BACKEND_NAMES, KV_CACHE_DTYPES
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.sampling import SamplingParams
@@ -116,12 +118,15 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
         engine.reset_prefix_cache()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        trace = _Trace(engine) if args.trace else None
-        result["offline_s"] = await _offline(engine, prompts, params)
+        trace = StepTrace(engine) if args.trace else None
+        with trace.run("offline") if trace else nullcontext():
+            result["offline_s"] = await _offline(engine, prompts, params)
         engine.reset_prefix_cache()  # run (b) must prefill its prompts like run (a)
-        result["streams_s"], result["loop_lag"] = await _streams(engine, prompts, params)
+        with trace.run("streams") if trace else nullcontext():
+            result["streams_s"], result["loop_lag"] = await _streams(engine, prompts, params)
         if trace is not None:
             result["trace"] = trace.events
+            result["trace_summary"] = summarize(trace.events)
         stats = engine.stats()
         runner = engine._core.runner
         assert runner is not None
@@ -143,63 +148,6 @@ async def _asyncllm(model_dir: Path, prompts: list[list[int]], outputs: list[int
         if torch.cuda.is_available():
             result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
-
-
-class _Trace:
-    """Records when each engine phase ran (for `--trace`): [phase, start, end, info]."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.events: list[tuple[str, float, float, Any]] = []
-        core, runner = engine._core, engine._core.runner
-        assert runner is not None
-        self.stream = runner.stream
-        self.pending: list[tuple[Any, Any]] = []
-        core.schedule = self._wrap("schedule", core.schedule, _step_info)  # type: ignore[method-assign]
-        core.prepare = self._wrap("prepare", core.prepare, _prepared_info)  # type: ignore[method-assign]
-        core.end_step = self._wrap("end_step", core.end_step, None)  # type: ignore[method-assign]
-        runner.launch = self._gpu_timed(self._wrap("launch", runner.launch, None))  # type: ignore[method-assign]
-        runner.collect = self._wrap("collect", runner.collect, self._gpu_ms)  # type: ignore[method-assign]
-
-    def _gpu_timed(self, launch: Any) -> Any:
-        """Brackets each launch with timing events on the engine's stream."""
-
-        def timed(*args: Any) -> Any:
-            if self.stream is None:
-                return launch(*args)
-            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            start.record(self.stream)
-            out = launch(*args)
-            end.record(self.stream)
-            self.pending.append((start, end))
-            return out
-
-        return timed
-
-    def _gpu_ms(self, _: Any) -> float | None:
-        """Device time of the oldest launched step (collect goes in launch order)."""
-        if not self.pending:
-            return None
-        start, end = self.pending.pop(0)
-        end.synchronize()
-        return float(start.elapsed_time(end))
-
-    def _wrap(self, phase: str, fn: Any, info: Any) -> Any:
-        def timed(*args: Any) -> Any:
-            start = time.perf_counter()
-            out = fn(*args)
-            self.events.append((phase, start, time.perf_counter(), info(out) if info else None))
-            return out
-
-        return timed
-
-
-def _step_info(step: Any) -> Any:
-    return None if step is None else [len(step.requests), sum(step.num_tokens)]
-
-
-def _prepared_info(prepared: Any) -> Any:
-    return [prepared.ctx.num_seqs, prepared.ctx.num_decode_seqs]
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -239,7 +187,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--skip-transformers", action="store_true",
                    help="leave transformers out of --peers")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON here")
-    p.add_argument("--trace", default=None, help="write per-phase timestamps (JSON) here")
+    p.add_argument("--trace", default=None,
+                   help="write per-phase timestamps (JSON) here; the results then also hold "
+                        "trace_summary (asyncllm.bench.trace)")  # fmt: skip
     p.set_defaults(run=_run)
 
 
