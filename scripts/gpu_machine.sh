@@ -23,12 +23,18 @@ mkdir -p "$OUT" "$WORK"
 source scripts/gpu_env.sh
 gpu_env_setup || exit 1
 
+bench_throughput() {  # $1: the log's name in $OUT; the rest: options (then THROUGHPUT_ARGS)
+  local log=$1
+  shift
+  # shellcheck disable=SC2086  # word splitting of THROUGHPUT_ARGS intended
+  "$PY" -m asyncllm bench throughput --block-size 256 --work-dir "$WORK" "$@" \
+    ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/$log"
+}
+
 throughput() {  # the issue-11 run: block 256, both peers, the floor; JSON in $OUT
   # THROUGHPUT_ARGS adds options (e.g. --num-decode-steps 4).
-  # shellcheck disable=SC2086  # word splitting of THROUGHPUT_ARGS intended
-  "$PY" -m asyncllm bench throughput --peers nano-vllm,transformers --block-size 256 \
-    --nano-vllm-path "${NANO_VLLM_PATH:-.peers/nano-vllm}" --work-dir "$WORK" \
-    --out "$OUT/throughput-h200.json" ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log"
+  bench_throughput throughput.log --peers nano-vllm,transformers \
+    --nano-vllm-path "${NANO_VLLM_PATH:-.peers/nano-vllm}" --out "$OUT/throughput-h200.json"
 }
 
 status=0
@@ -46,10 +52,8 @@ for what in "$@"; do
     trace)
       # The same workload and THROUGHPUT_ARGS, no peers; trace_summary in the JSON gives each
       # run's stream busy fraction and each kind of step's stream and launch time.
-      # shellcheck disable=SC2086
-      "$PY" -m asyncllm bench throughput --peers none --block-size 256 --work-dir "$WORK" \
-        --trace "$OUT/trace.json" --out "$OUT/traced.json" ${THROUGHPUT_ARGS:-} 2>&1 \
-        | tee "$OUT/traced.log" || status=1 ;;
+      bench_throughput traced.log --peers none --trace "$OUT/trace.json" \
+        --out "$OUT/traced.json" || status=1 ;;
     bench)
       throughput || status=1
       "$PY" benchmarks/attention.py --out "$OUT/attention.json" 2>&1 \

@@ -14,7 +14,8 @@ for less than the run's wall time waited on the host for the rest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +128,8 @@ def summarize(events: list[Event] | list[list[Any]]) -> dict[str, dict[str, Any]
     return summary
 
 
-def _run_summary(events: Any, steps: Any, run_start: float, run_end: float) -> dict[str, Any]:
+def _run_summary(events: Sequence[Sequence[Any]], steps: list[tuple[Any, Any, Any]],
+                 run_start: float, run_end: float) -> dict[str, Any]:  # fmt: skip
     wall_s = run_end - run_start
     kinds: dict[str, dict[str, float]] = {}
     for (_, _, _, (requests, tokens, *more)), launch, collect in steps:
@@ -138,7 +140,7 @@ def _run_summary(events: Any, steps: Any, run_start: float, run_end: float) -> d
         kind["tokens"] += tokens * num_steps
         kind["stream_ms"] += collect[3] or 0.0
         kind["launch_ms"] += (launch[2] - launch[1]) * 1e3
-    stream_s = sum((c[3] or 0.0) for _, _, c in steps) / 1e3
+    stream_s = sum(kind["stream_ms"] for kind in kinds.values()) / 1e3
     host_s: dict[str, float] = {}
     for phase, start, end, _ in events:
         if phase != "run" and run_start <= start <= run_end:
@@ -149,17 +151,16 @@ def _run_summary(events: Any, steps: Any, run_start: float, run_end: float) -> d
         "stream_s": stream_s,
         "stream_busy": stream_s / wall_s if wall_s > 0 else 0.0,
         "host_s": host_s,
-        "kinds": {name: kinds[name] for name in sorted(kinds, key=_KIND_ORDER.index)},
+        "kinds": {name: kinds[name] for name in _KINDS if name in kinds},
     }
+
+
+_KINDS = ("prefill", *(f"decode <= {b}" for b in DECODE_BUCKETS),
+          f"decode > {DECODE_BUCKETS[-1]}")  # fmt: skip
+_EMPTY_KIND = {"launches": 0, "steps": 0, "tokens": 0, "stream_ms": 0.0, "launch_ms": 0.0}
 
 
 def _kind(requests: int, tokens: int) -> str:
     if tokens > requests:
-        return "prefill"
-    bound = next((b for b in DECODE_BUCKETS if requests <= b), None)
-    return f"decode <= {bound}" if bound else f"decode > {DECODE_BUCKETS[-1]}"
-
-
-_EMPTY_KIND = {"launches": 0, "steps": 0, "tokens": 0, "stream_ms": 0.0, "launch_ms": 0.0}
-_KIND_ORDER = ["prefill", *(f"decode <= {b}" for b in DECODE_BUCKETS),
-               f"decode > {DECODE_BUCKETS[-1]}"]  # fmt: skip
+        return _KINDS[0]
+    return _KINDS[1 + bisect_left(DECODE_BUCKETS, requests)]
